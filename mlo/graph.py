@@ -1,0 +1,202 @@
+"""Infer a multilevel program's dataflow graph from its levels' signatures (pure Python, no torch).
+
+Each level is described by a `Node`: its name, whether it declares `hypergrad`, the levels its
+signature names (with an optional direction annotation) and where it was defined. From these alone
+the graph derives, by the rules of DESIGN.md §2:
+
+- u2l edges U -> L: U's current parameters enter L's cost;
+- l2u edges L -> U: L's solution enters U's cost;
+- the order of levels (lowest first), and which levels read which solutions;
+- for every level that declares `hypergrad`, its hypergradient paths (paper eq. 2): one u2l edge
+  out of the level, then l2u edges only, back into the level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import GraphError, closest, quoted
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the graph needs to know of one level."""
+
+    name: str
+    declares_hypergrad: bool
+    names: tuple[tuple[str, str | None], ...]  # (named level, "upper" | "lower" | None)
+    location: str = "<unknown>"
+
+
+@dataclass
+class Graph:
+    """The inferred graph: levels lowest first, both edge kinds, hypergradient paths.
+
+    `print(graph)` shows it as text, `graph.to_mermaid()` returns Mermaid source, and in Jupyter it
+    renders as SVG when the `graphviz` package is installed, else as a Mermaid block.
+    """
+
+    order: tuple[str, ...]
+    u2l: tuple[tuple[str, str], ...]
+    l2u: tuple[tuple[str, str], ...]
+    paths: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+
+    def reads(self, name: str) -> tuple[str, ...]:
+        """Return the levels whose solutions enter `name`'s cost (its l2u predecessors)."""
+        return tuple(low for low, up in self.l2u if up == name)
+
+    @property
+    def lowermost(self) -> tuple[str, ...]:
+        """Return the levels that read no other level's solution: they step every global step."""
+        return tuple(n for n in self.order if not self.reads(n))
+
+    def best_response_edges(self, name: str) -> dict[str, tuple[str, ...]]:
+        """Map each level on `name`'s paths to the levels it is differentiated against.
+
+        For a path (k, x1, ..., xm, k) the best-response Jacobians needed are dθ*_x1/dθ_k and
+        dθ*_x(i+1)/dθ*_x(i); the last hop, xm -> k, is the direct derivative of k's cost.
+        """
+        edges: dict[str, list[str]] = {}
+        for path in self.paths.get(name, ()):
+            for upstream, level in zip(path[:-2], path[1:-1]):
+                inputs = edges.setdefault(level, [])
+                if upstream not in inputs:
+                    inputs.append(upstream)
+        return {level: tuple(inputs) for level, inputs in edges.items()}
+
+    def __str__(self) -> str:
+        lines = [f"Graph: {len(self.order)} levels, lowest first: {', '.join(self.order)}"]
+        lines.append("  u2l (upper's parameters enter lower's cost):")
+        lines += [f"    {u} -> {low}" for u, low in self.u2l] or ["    (none)"]
+        lines.append("  l2u (lower's solution enters upper's cost):")
+        lines += [f"    {low} -> {u}" for low, u in self.l2u] or ["    (none)"]
+        lines.append("  hypergradient paths:")
+        for name, paths in self.paths.items():
+            lines += [f"    {name}: {' -> '.join(p)}" for p in paths] or [f"    {name}: (none)"]
+        if not self.paths:
+            lines.append("    (no level declares hypergrad)")
+        steps = [n if not self.reads(n) else f"{n} (after {', '.join(self.reads(n))})"
+                 for n in self.order]
+        lines.append(f"  execution order per global step: {'; '.join(steps)}")
+        return "\n".join(lines)
+
+    def to_mermaid(self) -> str:
+        """Return the graph as Mermaid flowchart source (solid: l2u, dashed: u2l)."""
+        lines = ["flowchart BT"] + [f"    {n}[{n}]" for n in self.order]
+        lines += [f"    {low} -->|solution| {u}" for low, u in self.l2u]
+        lines += [f"    {u} -.->|params| {low}" for u, low in self.u2l]
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        return f"```mermaid\n{self.to_mermaid()}\n```"
+
+    def _repr_svg_(self) -> str | None:
+        try:
+            import graphviz
+        except ImportError:
+            return None  # Jupyter falls back to the Mermaid markdown
+        dot = graphviz.Digraph(graph_attr={"rankdir": "BT"})
+        for n in self.order:
+            dot.node(n)
+        for low, u in self.l2u:
+            dot.edge(low, u, label="solution")
+        for u, low in self.u2l:
+            dot.edge(u, low, label="params", style="dashed")
+        try:
+            return dot.pipe(format="svg").decode()
+        except Exception:  # the Python package is there but the `dot` binary is not
+            return None
+
+
+def infer(nodes: list[Node]) -> Graph:
+    """Build the `Graph` of a program from its levels, or raise a `GraphError` saying what to fix."""
+    by_name = {n.name: n for n in nodes}
+    u2l, l2u = [], []
+    for node in nodes:
+        for other, annotation in node.names:
+            if other not in by_name:
+                raise GraphError(
+                    f"Program: level '{node.name}' names '{other}', but no level has that name.\n"
+                    f"  {node.location}\n  levels: {quoted(by_name)}.{closest(other, by_name)}")
+            upper = _upper_of(node, by_name[other], annotation)
+            if upper == other:
+                u2l.append((other, node.name))
+            else:
+                l2u.append((other, node.name))
+    order = _order(nodes, u2l, l2u)
+    graph = Graph(order=order, u2l=tuple(u2l), l2u=tuple(l2u))
+    graph.paths = {n.name: _paths(n.name, u2l, l2u) for n in nodes if n.declares_hypergrad}
+    return graph
+
+
+def _upper_of(node: Node, other: Node, annotation: str | None) -> str:
+    """Return which of the pair (node names other) is the upper level."""
+    if annotation is not None:
+        return other.name if annotation == "upper" else node.name
+    if node.declares_hypergrad and other.declares_hypergrad:
+        raise GraphError(
+            f"Program: levels '{node.name}' and '{other.name}' both declare hypergrad, so the "
+            f"direction of '{node.name}' naming '{other.name}' is ambiguous.\n  {node.location}\n"
+            f"  Annotate the parameter: '{other.name}: mlo.Upper' if '{other.name}' is above "
+            f"'{node.name}', or '{other.name}: mlo.Lower' if it is below.")
+    if other.declares_hypergrad:
+        return other.name
+    return node.name
+
+
+def _order(nodes, u2l, l2u) -> tuple[str, ...]:
+    """Sort levels lowest first (Kahn's algorithm, declaration order breaks ties)."""
+    below = {n.name: set() for n in nodes}  # level -> levels directly below it
+    for upper, lower in u2l:
+        below[upper].add(lower)
+    for lower, upper in l2u:
+        below[upper].add(lower)
+    for a, b in l2u:
+        if (b, a) in l2u:
+            raise GraphError(
+                f"Program: levels '{a}' and '{b}' name each other, but neither declares hypergrad, "
+                f"so each would be below the other.\n  Declare hypergrad=... on the upper one "
+                f"(the one that learns through the other's solution).")
+    order, placed = [], set()
+    while len(order) < len(nodes):
+        ready = [n.name for n in nodes if n.name not in placed and below[n.name] <= placed]
+        if not ready:
+            cycle = _cycle({n: b - placed for n, b in below.items() if n not in placed})
+            raise GraphError(
+                f"Program: the levels {' -> '.join(cycle)} form a cycle (each is below the next), "
+                f"so no level can step first.\n  Break the cycle: make one of them read the "
+                f"other's current parameters by declaring hypergrad on the upper one, or annotate "
+                f"a parameter with mlo.Upper / mlo.Lower.")
+        order.append(ready[0])
+        placed.add(ready[0])
+    return tuple(order)
+
+
+def _cycle(below: dict[str, set[str]]) -> list[str]:
+    """Return one cycle of the `below` relation as a list of names, first repeated at the end."""
+    start = next(iter(below))
+    seen: list[str] = []
+    node = start
+    while node not in seen:
+        seen.append(node)
+        node = sorted(below[node])[0]
+    return seen[seen.index(node):] + [node]
+
+
+def _paths(name: str, u2l, l2u) -> tuple[tuple[str, ...], ...]:
+    """Return every path name -u2l-> x1 -l2u-> ... -l2u-> name."""
+    found = []
+
+    def walk(path):
+        for low, up in l2u:
+            if low != path[-1]:
+                continue
+            if up == name:
+                found.append((*path, name))
+            else:
+                walk((*path, up))
+
+    for upper, lower in u2l:
+        if upper == name:
+            walk((name, lower))
+    return tuple(found)

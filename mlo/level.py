@@ -1,0 +1,240 @@
+"""`@mlo.level`: turn a cost function into a `Level`, checking the declaration at decoration time."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import LevelError, OptimizerError, closest, quoted, where
+from .graph import Node
+from .hypergrad import Method, resolve
+
+RESERVED = ("batch", "module")
+
+
+class Upper:
+    """Annotation for a named level that is *above* this one: its current parameters enter this cost.
+
+    Needed only when both levels of a pair declare `hypergrad`::
+
+        def mid(batch, module, top: mlo.Upper, low): ...
+    """
+
+
+class Lower:
+    """Annotation for a named level that is *below* this one: its solution enters this cost."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The per-level settings of `@mlo.level`, validated once at decoration time."""
+
+    unroll: int = 1
+    warmup: int = 0
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    fp16: bool = False
+    bf16: bool = False
+    scheduler: Any = None
+
+
+class Level:
+    """One level of a multilevel program: a cost function, its parameters, optimizer and data.
+
+    Calling a level outside a program runs its module with its current parameters (or returns the
+    tensor, for a bare hyperparameter tensor), so a trained level can be evaluated in a notebook.
+    """
+
+    def __init__(self, fn: Callable, module, optimizer, data, hypergrad, name: str, options: Options):
+        self.fn, self.module, self.optimizer, self.data = fn, module, optimizer, data
+        self.name, self.options = name, options
+        self.method: Method | None = resolve(hypergrad, name)
+        self.location = where(fn)
+        self.names, self.uses_batch, self.uses_module = _parse_signature(fn, name, self.location)
+
+    @property
+    def node(self) -> Node:
+        return Node(self.name, self.method is not None, self.names, self.location)
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        """Return this level's trainable parameters by name (a bare tensor is named 'param')."""
+        if isinstance(self.module, torch.Tensor):
+            return {"param": self.module}
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def __call__(self, *args, **kwargs):
+        if isinstance(self.module, torch.Tensor):
+            return self.module
+        return self.module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        method = f", hypergrad={self.method!r}" if self.method else ""
+        return f"<mlo level '{self.name}'{method}>"
+
+
+def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
+          bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
+          warmup: int = 0, name: str | None = None):
+    """Declare a level of a multilevel program; its signature names the levels it depends on.
+
+    The decorated function is the level's cost. Its parameters are `batch` (this level's current
+    batch), `module` (this level's module, run with its current parameters) and the names of other
+    levels, each received as a handle that runs that level's module as this level must see it.
+    The level is recorded in `mlo.registry` under its name, replacing any earlier level of that name.
+
+    Example::
+
+        @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=loader)
+        def classifier(batch, module, weighting):
+            x, y = batch
+            loss = F.cross_entropy(module(x), y, reduction="none")
+            return (weighting(loss.detach()[:, None]).squeeze(1) * loss).mean()
+    """
+    options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
+                      fp16=fp16, bf16=bf16, scheduler=scheduler)
+
+    def decorate(fn: Callable) -> Level:
+        if not callable(fn):
+            raise LevelError(f"@level: expected a function to decorate, got {type(fn).__name__}.")
+        level_name = name if name is not None else fn.__name__
+        _check_options(level_name, module, optimizer, data, options)
+        new = Level(fn, module, optimizer, data, hypergrad, level_name, options)
+        registry.add(new)
+        return new
+
+    return decorate
+
+
+def _check_options(name: str, module, optimizer, data, options: Options) -> None:
+    prefix = f"@level '{name}':"
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LevelError(f"@level: name must be a Python identifier, got {name!r}.")
+    if not isinstance(module, (nn.Module, torch.Tensor)):
+        raise LevelError(f"{prefix} module must be an nn.Module or a tensor of hyperparameters, "
+                         f"got {type(module).__name__}.")
+    if isinstance(module, torch.Tensor) and not module.requires_grad:
+        raise LevelError(f"{prefix} the module tensor does not require grad, so it cannot be "
+                         f"trained. Wrap it in nn.Parameter(...) or call .requires_grad_().")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
+                         f"parameters, got {type(optimizer).__name__}.")
+    _check_coverage(prefix, module, optimizer)
+    if data is not None and not hasattr(data, "__iter__"):
+        raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
+                         f"None, got {type(data).__name__}.")
+    for key in ("unroll", "grad_accum"):
+        _check_int(prefix, key, getattr(options, key), minimum=1)
+    _check_int(prefix, "warmup", options.warmup, minimum=0)
+    if options.clip_grad is not None and not (isinstance(options.clip_grad, (int, float))
+                                              and options.clip_grad > 0):
+        raise LevelError(f"{prefix} clip_grad must be a positive max norm or None, "
+                         f"got {options.clip_grad!r}.")
+    for key in ("fp16", "bf16"):
+        if not isinstance(getattr(options, key), bool):
+            raise LevelError(f"{prefix} {key} must be True or False, got {getattr(options, key)!r}.")
+    if options.fp16 and options.bf16:
+        raise LevelError(f"{prefix} fp16 and bf16 are both set; choose one precision.")
+    if options.scheduler is not None and not callable(getattr(options.scheduler, "step", None)):
+        raise LevelError(f"{prefix} scheduler must be a torch.optim.lr_scheduler object (with a "
+                         f".step() method), got {type(options.scheduler).__name__}.")
+    if options.scheduler is not None and getattr(options.scheduler, "optimizer", optimizer) \
+            is not optimizer:
+        raise LevelError(f"{prefix} the scheduler drives another optimizer; build it on this "
+                         f"level's optimizer.")
+
+
+def _check_int(prefix: str, key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LevelError(f"{prefix} {key} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_coverage(prefix: str, module, optimizer) -> None:
+    """Require the optimizer to hold exactly the module's trainable parameters."""
+    if isinstance(module, torch.Tensor):
+        trainable = {id(module): "the module tensor"}
+    else:
+        trainable = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for i, n in trainable.items() if i not in held]
+    if missing:
+        raise OptimizerError(
+            f"{prefix} the optimizer does not cover the module's trainable parameters "
+            f"{quoted(missing[:5])}{' ...' if len(missing) > 5 else ''}; build it from "
+            f"module.parameters(), or set requires_grad=False on parameters to freeze.")
+    foreign = len(held - set(trainable))
+    if foreign:
+        raise OptimizerError(
+            f"{prefix} the optimizer holds {foreign} parameter(s) that are not trainable parameters "
+            f"of this level's module (another module's, or frozen ones); each level's optimizer "
+            f"must hold only its own module's parameters.")
+
+
+def _parse_signature(fn: Callable, name: str, location: str):
+    """Return (named levels with annotations, uses batch, uses module) from the signature."""
+    names, uses = [], set()
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise LevelError(
+                f"@level '{name}': *args / **kwargs are not allowed: each parameter must name "
+                f"'batch', 'module' or another level.\n  {location}")
+        if param.kind is param.POSITIONAL_ONLY:
+            raise LevelError(f"@level '{name}': parameter '{param.name}' is positional-only; "
+                             f"levels are passed by name, remove the '/'.\n  {location}")
+        if param.default is not param.empty:
+            continue  # defaults are never injected: they configure the function itself
+        if param.name in RESERVED:
+            uses.add(param.name)
+        else:
+            names.append((param.name, _direction(param.annotation, name, param.name)))
+    return tuple(names), "batch" in uses, "module" in uses
+
+
+def _direction(annotation, name: str, parameter: str) -> str | None:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if annotation is inspect.Parameter.empty:
+        return None
+    if annotation is Upper or text.split(".")[-1] == "Upper":
+        return "upper"
+    if annotation is Lower or text.split(".")[-1] == "Lower":
+        return "lower"
+    raise LevelError(f"@level '{name}': parameter '{parameter}' has annotation {annotation!r}; "
+                     f"only mlo.Upper or mlo.Lower may annotate a level parameter.")
+
+
+class Registry:
+    """The default registry: levels by name, the newest definition of each name wins."""
+
+    def __init__(self):
+        self._levels: dict[str, Level] = {}
+
+    def add(self, new: Level) -> None:
+        self._levels.pop(new.name, None)  # re-insert so a redefined level keeps definition order
+        self._levels[new.name] = new
+
+    def levels(self) -> list[Level]:
+        return list(self._levels.values())
+
+    def clear(self) -> None:
+        self._levels.clear()
+
+    def __getitem__(self, name: str) -> Level:
+        if name not in self._levels:
+            raise KeyError(f"mlo.registry: no level named '{name}'; levels: "
+                           f"{quoted(self._levels)}.{closest(name, self._levels)}")
+        return self._levels[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._levels
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+    def __repr__(self) -> str:
+        return f"<mlo registry: {quoted(self._levels)}>"
+
+
+registry = Registry()
