@@ -50,8 +50,8 @@ def where(fn) -> str:
         file = inspect.getsourcefile(fn) or "<unknown>"
         line = inspect.getsourcelines(fn)[1]
     except (OSError, TypeError):
-        return f"<unknown>:  def {fn.__name__}{inspect.signature(fn)}"
+        return f"<unknown>:  def {getattr(fn, '__name__', '?')}{inspect.signature(fn)}"
     for offset, text in enumerate(inspect.getsourcelines(fn)[0]):
         if text.lstrip().startswith("def "):
             return f"{file}:{line + offset}:  {text.strip().rstrip(':')}"
-    return f"{file}:{line}:  def {fn.__name__}{inspect.signature(fn)}"
+    return f"{file}:{line}:  def {getattr(fn, '__name__', '?')}{inspect.signature(fn)}"

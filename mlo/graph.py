@@ -118,6 +118,11 @@ def infer(nodes: list[Node]) -> Graph:
                 raise GraphError(
                     f"Program: level '{node.name}' names '{other}', but no level has that name.\n"
                     f"  {node.location}\n  levels: {quoted(by_name)}.{closest(other, by_name)}")
+            if other == node.name:
+                raise GraphError(
+                    f"Program: level '{node.name}' names itself.\n  {node.location}\n  A level "
+                    f"reaches its own parameters through 'module'; rename the parameter to "
+                    f"'module'.")
             upper = _upper_of(node, by_name[other], annotation)
             if upper == other:
                 u2l.append((other, node.name))
@@ -130,9 +135,22 @@ def infer(nodes: list[Node]) -> Graph:
 
 
 def _upper_of(node: Node, other: Node, annotation: str | None) -> str:
-    """Return which of the pair (node names other) is the upper level."""
+    """Return which of the pair (node names other) is the upper level.
+
+    An annotation on either side of a pair settles it: in `def mid(batch, module, top: mlo.Upper)`
+    'top' is above 'mid' also where 'top' names 'mid' without an annotation. Annotations on both
+    sides must agree.
+    """
+    reverse = dict(other.names).get(node.name)  # how `other` annotates `node`, if it names it
+    if annotation is not None and reverse is not None and annotation == reverse:
+        raise GraphError(
+            f"Program: levels '{node.name}' and '{other.name}' each annotate the other as "
+            f"mlo.{annotation.capitalize()}, so neither is above the other.\n  {node.location}\n"
+            f"  {other.location}\n  Keep one annotation, or make them agree.")
     if annotation is not None:
         return other.name if annotation == "upper" else node.name
+    if reverse is not None:
+        return node.name if reverse == "upper" else other.name
     if node.declares_hypergrad and other.declares_hypergrad:
         raise GraphError(
             f"Program: levels '{node.name}' and '{other.name}' both declare hypergrad, so the "
@@ -161,7 +179,7 @@ def _order(nodes, u2l, l2u) -> tuple[str, ...]:
     while len(order) < len(nodes):
         ready = [n.name for n in nodes if n.name not in placed and below[n.name] <= placed]
         if not ready:
-            cycle = _cycle({n: b - placed for n, b in below.items() if n not in placed})
+            cycle = _cycle({n: b - placed for n, b in below.items() if n not in placed})[::-1]
             raise GraphError(
                 f"Program: the levels {' -> '.join(cycle)} form a cycle (each is below the next), "
                 f"so no level can step first.\n  Break the cycle: make one of them read the "
@@ -173,7 +191,7 @@ def _order(nodes, u2l, l2u) -> tuple[str, ...]:
 
 
 def _cycle(below: dict[str, set[str]]) -> list[str]:
-    """Return one cycle of the `below` relation as a list of names, first repeated at the end."""
+    """Return one cycle of the `below` relation (each name above the next), first name repeated."""
     start = next(iter(below))
     seen: list[str] = []
     node = start

@@ -98,9 +98,14 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
                       fp16=fp16, bf16=bf16, scheduler=scheduler)
 
     def decorate(fn: Callable) -> Level:
-        if not callable(fn):
-            raise LevelError(f"@level: expected a function to decorate, got {type(fn).__name__}.")
-        level_name = name if name is not None else fn.__name__
+        if isinstance(fn, Level) or not callable(fn):
+            got = repr(fn) if isinstance(fn, Level) else type(fn).__name__
+            raise LevelError(f"@level: expected a function to decorate, got {got}; apply "
+                             f"@mlo.level(...) once, to the cost function itself.")
+        level_name = name if name is not None else getattr(fn, "__name__", None)
+        if level_name is None:
+            raise LevelError(f"@level: {type(fn).__name__} objects have no __name__; pass "
+                             f"name=... to @mlo.level.")
         _check_options(level_name, module, optimizer, data, options)
         new = Level(fn, module, optimizer, data, hypergrad, level_name, options)
         registry.add(new)
@@ -129,8 +134,8 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     for key in ("unroll", "grad_accum"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
-    if options.clip_grad is not None and not (isinstance(options.clip_grad, (int, float))
-                                              and options.clip_grad > 0):
+    if options.clip_grad is not None and (isinstance(options.clip_grad, bool) or not (
+            isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):
         raise LevelError(f"{prefix} clip_grad must be a positive max norm or None, "
                          f"got {options.clip_grad!r}.")
     for key in ("fp16", "bf16"):

@@ -1,0 +1,85 @@
+"""Write measured rows as a markdown table and a CSV file under benchmarks/results/."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import OrderedDict
+
+from .harness import Row
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _sci(x: float) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{x:.1e}"
+
+
+def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[str],
+             extra: str = "") -> str:
+    """Render one program's rows: one table per case, the reference implementation first."""
+    lines = [f"# {title}", "", f"Command: `{command}`", ""]
+    lines += ["Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+    lines += ["Columns: ms per outer step (median and interquartile range over the timed steps, "
+              "implementations interleaved in one process after warm-up); ×hand = median over the "
+              "hand-written median; peak MiB = largest per-step peak memory above the memory "
+              "held before the step; loss = evaluation loss after all steps (equal work gives "
+              "equal losses up to float rounding); Δ hypergrad = max abs difference of one outer "
+              "step's hypergradient from the hand-written one (absolute, and relative to its "
+              "largest entry).", ""]
+    groups: OrderedDict[str, list[Row]] = OrderedDict()
+    for row in rows:
+        groups.setdefault(row.case, []).append(row)
+    for case, group in groups.items():
+        lines += [f"## {case}", ""]
+        lines += ["| implementation | ms/step (median) | IQR | ×hand | peak MiB | loss | "
+                  "Δ hypergrad abs | Δ rel | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        ref = next((r.median for r in group if r.status == "ok"), float("nan"))
+        for r in group:
+            if r.status == "ok":
+                q1, q3 = r.iqr
+                ratio = r.median / ref if ref and not math.isnan(ref) else float("nan")
+                lines.append(f"| {r.impl} | {_fmt(r.median)} | {_fmt(q1)}–{_fmt(q3)} | "
+                             f"{_fmt(ratio, 2)} | {_fmt(r.peak_mb)} | {_fmt(r.loss, 4)} | "
+                             f"{_sci(r.diff_abs)} | {_sci(r.diff_rel)} | {r.reason} |")
+            else:
+                lines.append(f"| {r.impl} | {r.status} | | | | | | | "
+                             f"{r.reason.replace('|', '/')} |")
+        lines.append("")
+    if extra:
+        lines += [extra, ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def write(name: str, title: str, info: dict, command: str, rows: list[Row], notes: list[str],
+          extra: str = "") -> tuple[str, str]:
+    """Write results/<name>.md and results/<name>.csv; return their paths."""
+    os.makedirs(RESULTS, exist_ok=True)
+    md_path = os.path.join(RESULTS, f"{name}.md")
+    csv_path = os.path.join(RESULTS, f"{name}.csv")
+    with open(md_path, "w") as f:
+        f.write(markdown(title, info, command, rows, notes, extra))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "method", "implementation", "status", "ms_median", "ms_q1",
+                         "ms_q3", "steps_timed", "peak_mib", "loss", "hypergrad_diff_abs",
+                         "hypergrad_diff_rel", "note"] + [f"machine_{k}" for k in info])
+        for r in rows:
+            q1, q3 = r.iqr
+            writer.writerow([r.case, r.method, r.impl, r.status, f"{r.median:.3f}", f"{q1:.3f}",
+                             f"{q3:.3f}", len(r.times_ms), f"{r.peak_mb:.2f}", f"{r.loss:.6g}",
+                             f"{r.diff_abs:.3g}", f"{r.diff_rel:.3g}", r.reason]
+                            + list(info.values()))
+    return md_path, csv_path

@@ -1,0 +1,128 @@
+"""Hand-written reweighting: the mathematics written directly with torch.autograd, no library.
+
+What makes it the speed limit:
+- inner steps differentiate the classifier only; the weight net runs under no_grad there;
+- aid_fd needs ∇_φ f(θ ± εv, φ) only, and ℓ(θ ± εv) enters f as a constant for φ, so the two
+  classifier passes are forward-only (no graph) and the one backward runs through the tiny weight
+  net on f(θ+εv) − f(θ−εv);
+- aid_cg / aid_neumann build the gradient graph g = ∇_θ f once (create_graph) and reuse it for
+  every Hessian-vector product and for the final mixed product ∂²f/∂φ∂θ · u;
+- itd records exactly the unrolled steps it differentiates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import linalg
+from . import common
+
+UNSUPPORTED: dict[str, str] = {}
+
+
+class Runner:
+    def __init__(self, config: common.Config):
+        self.config = config
+        self.train, self.meta, _ = common.data(config)
+        self.theta = [p.detach().clone().requires_grad_()
+                      for p in common.classifier_module(config).parameters()]
+        self.phi = [p.detach().clone().requires_grad_()
+                    for p in common.weight_module(config).parameters()]
+        self.optimizer = common.outer_optimizer(config, self.phi)
+        self.inner_steps = 0
+        self.outer_steps = 0
+
+    # -- the program's two costs
+    def inner_cost(self, theta, phi, batch):
+        x, y = batch
+        losses = F.cross_entropy(common.mlp(theta, x), y, reduction="none")
+        return (common.weights(phi, losses.detach()) * losses).mean()
+
+    def next_batch(self):
+        batch = self.train[self.inner_steps % len(self.train)]
+        self.inner_steps += 1
+        return batch
+
+    def sgd_step(self, batch):
+        x, y = batch
+        losses = F.cross_entropy(common.mlp(self.theta, x), y, reduction="none")
+        with torch.no_grad():
+            w = common.weights(self.phi, losses)
+        grads = torch.autograd.grad((w * losses).mean(), self.theta)
+        with torch.no_grad():
+            torch._foreach_add_(self.theta, grads, alpha=-self.config.inner_lr)
+
+    # -- one outer step
+    def step(self):
+        config = self.config
+        meta_x, meta_y = self.meta[self.outer_steps % len(self.meta)]
+        self.outer_steps += 1
+        if config.method == "itd":
+            hypergrad = self.itd(meta_x, meta_y)
+        else:
+            for _ in range(config.unroll):
+                batch = self.next_batch()
+                self.sgd_step(batch)
+            v = torch.autograd.grad(F.cross_entropy(common.mlp(self.theta, meta_x), meta_y),
+                                    self.theta)
+            if config.method == "aid_fd":
+                hypergrad = self.finite_difference(batch, v)
+            else:
+                hypergrad = self.implicit(batch, v)
+        for p, g in zip(self.phi, hypergrad):
+            p.grad = g
+        self.optimizer.step()
+
+    def finite_difference(self, batch, v):
+        config = self.config
+        x, y = batch
+        epsilon = config.r / torch.sqrt(sum((t * t).sum() for t in v))
+        with torch.no_grad():
+            plus = F.cross_entropy(common.mlp([t + epsilon * d for t, d in zip(self.theta, v)], x),
+                                   y, reduction="none")
+            minus = F.cross_entropy(common.mlp([t - epsilon * d for t, d in zip(self.theta, v)], x),
+                                    y, reduction="none")
+        difference = (common.weights(self.phi, plus) * plus
+                      - common.weights(self.phi, minus) * minus).mean()
+        grads = torch.autograd.grad(difference, self.phi)
+        scale = -config.inner_lr / (2 * epsilon)
+        return [scale * g for g in grads]
+
+    def implicit(self, batch, v):
+        config = self.config
+        gradient = torch.autograd.grad(self.inner_cost(self.theta, self.phi, batch), self.theta,
+                                       create_graph=True)
+
+        def hvp(u):
+            return torch.autograd.grad(gradient, self.theta, u, retain_graph=True)
+
+        if config.method == "aid_cg":
+            u = linalg.cg(hvp, v, config.iters)
+        else:
+            u = linalg.neumann(hvp, v, config.iters, config.inner_lr)
+        mixed = torch.autograd.grad(gradient, self.phi, u)
+        return [-m for m in mixed]
+
+    def itd(self, meta_x, meta_y):
+        config = self.config
+        theta = self.theta
+        for _ in range(config.unroll):
+            batch = self.next_batch()
+            grads = torch.autograd.grad(self.inner_cost(theta, self.phi, batch), theta,
+                                        create_graph=True)
+            theta = [t - config.inner_lr * g for t, g in zip(theta, grads)]
+        outer = F.cross_entropy(common.mlp(theta, meta_x), meta_y)
+        hypergrad = torch.autograd.grad(outer, self.phi)
+        self.theta = [t.detach().requires_grad_() for t in theta]
+        return hypergrad
+
+    def loss(self) -> float:
+        return common.evaluate(self.config, self.theta)
+
+    def outer_params(self):
+        return self.phi
+
+
+def make(config: common.Config) -> Runner:
+    return Runner(config)

@@ -1,0 +1,170 @@
+"""Hypergradients through the public DSL, against closed forms: bilevel and the trilevel chain."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import mlo
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry():
+    mlo.registry.clear()
+    yield
+    mlo.registry.clear()
+
+
+def spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, n, generator=g, dtype=D)
+    return r @ r.T / n + torch.eye(n, dtype=D)
+
+
+def vec(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def param(t):
+    return torch.nn.Parameter(t.clone())
+
+
+def test_one_step_moves_upper_by_lr_times_exact_hypergradient():
+    A, B, c = spd(4, 0), vec(4, 3, seed=1), vec(4, seed=2)
+    w, lam = param(vec(4, seed=3)), param(vec(3, seed=4))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.05))
+    def inner(module, outer):
+        return 0.5 * module() @ A @ module() - module() @ B @ outer()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.3),
+               hypergrad=mlo.hypergrad.aid_cg(iters=10))
+    def outer(inner):
+        return 0.5 * ((inner() - c) ** 2).sum()
+
+    before = lam.detach().clone()
+    mlo.Program(inner, outer).step()
+    exact = B.T @ torch.linalg.solve(A, w.detach() - c)  # at the inner parameters after its step
+    assert torch.allclose(lam.detach(), before - 0.3 * exact, atol=1e-12, rtol=0)
+
+
+class Chain:
+    """pretrain(p; reads λ) -> finetune(q; reads p) -> reweight(λ; reads q and p): two paths."""
+
+    def __init__(self, method, pretrain_unroll=1):
+        self.Ap, self.Aq = spd(4, 10), spd(3, 11)
+        self.B, self.C = vec(4, 2, seed=12), vec(3, 4, seed=13)
+        self.c, self.d = vec(3, seed=14), vec(4, seed=15)
+        self.lam0 = vec(2, seed=16)
+        self.lrp, self.lrq = 0.1, 0.2
+        p0 = torch.linalg.solve(self.Ap, self.B @ self.lam0)  # start at the exact solutions, so
+        q0 = torch.linalg.solve(self.Aq, self.C @ p0)         # the lower steps leave them there
+        self.p, self.q, self.lam = param(p0), param(q0), param(self.lam0)
+        Ap, Aq, B, C, c, d = self.Ap, self.Aq, self.B, self.C, self.c, self.d
+
+        @mlo.level(module=self.p, optimizer=torch.optim.SGD([self.p], lr=self.lrp),
+                   unroll=pretrain_unroll)
+        def pretrain(module, reweight):
+            return 0.5 * module() @ Ap @ module() - module() @ B @ reweight()
+
+        @mlo.level(module=self.q, optimizer=torch.optim.SGD([self.q], lr=self.lrq))
+        def finetune(module, pretrain):
+            return 0.5 * module() @ Aq @ module() - module() @ C @ pretrain()
+
+        @mlo.level(module=self.lam, optimizer=torch.optim.SGD([self.lam], lr=1.0), hypergrad=method)
+        def reweight(finetune, pretrain):
+            return 0.5 * ((finetune() - c) ** 2).sum() + 0.5 * ((pretrain() - d) ** 2).sum()
+
+        self.program = mlo.Program(pretrain, finetune, reweight)
+
+    def upper_cost(self, p, q):
+        return 0.5 * ((q - self.c) ** 2).sum() + 0.5 * ((p - self.d) ** 2).sum()
+
+    def exact(self):
+        lam = self.lam0.clone().requires_grad_()
+        p = torch.linalg.solve(self.Ap, self.B @ lam)
+        q = torch.linalg.solve(self.Aq, self.C @ p)
+        return torch.autograd.grad(self.upper_cost(p, q), lam)[0]
+
+    def unrolled(self, pretrain_steps=1):
+        """The gradient through `pretrain_steps` SGD steps of pretrain and one of finetune."""
+        lam = self.lam0.clone().requires_grad_()
+        p = self.p.detach()
+        for _ in range(pretrain_steps):
+            p = p - self.lrp * (self.Ap @ p - self.B @ lam)
+        q = self.q.detach() - self.lrq * (self.Aq @ self.q.detach() - self.C @ p)
+        return torch.autograd.grad(self.upper_cost(p, q), lam)[0]
+
+    def hypergradient(self, steps=1):
+        for _ in range(steps):
+            self.program.step()
+        return self.lam0 - self.lam.detach()
+
+
+def test_chain_graph_has_two_paths():
+    paths = Chain("aid_cg").program.graph.paths["reweight"]
+    assert set(paths) == {("reweight", "pretrain", "finetune", "reweight"),
+                          ("reweight", "pretrain", "reweight")}
+
+
+@pytest.mark.parametrize("method,atol", [
+    (mlo.hypergrad.aid_cg(iters=20), 1e-10),
+    (mlo.hypergrad.aid_neumann(iters=400), 1e-8),
+])
+def test_chain_implicit_methods_match_nested_solves(method, atol):
+    chain = Chain(method)
+    assert torch.allclose(chain.hypergradient(), chain.exact(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["aid_fd", "sama", "itd"])
+def test_chain_one_step_methods_match_one_step_unroll(method):
+    chain = Chain(method)
+    expected = chain.unrolled()
+    assert torch.allclose(chain.hypergradient(), expected, atol=1e-9, rtol=0)
+    assert not torch.allclose(expected, chain.exact(), atol=1e-3)  # a different quantity
+
+
+def test_chain_itd_replays_every_step_of_the_window():
+    chain = Chain("itd", pretrain_unroll=2)
+    expected = chain.unrolled(pretrain_steps=2)
+    hypergradient = chain.hypergradient(steps=2)
+    assert chain.program.steps == {"pretrain": 2, "finetune": 1, "reweight": 1}
+    assert torch.allclose(hypergradient, expected, atol=1e-10, rtol=0)
+
+
+def test_chain_first_order_leaves_upper_unchanged():
+    chain = Chain("first_order")
+    assert torch.equal(chain.hypergradient(), torch.zeros(2, dtype=D))
+
+
+def test_itd_memory_does_not_grow_over_outer_steps():
+    w, lam = param(torch.zeros(20, dtype=D)), param(torch.ones(20, dtype=D))
+    x = [vec(8, 20, seed=i) for i in range(3)]
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.01, momentum=0.5), data=x, unroll=2)
+    def inner(batch, module, outer):
+        return ((batch @ module()) ** 2).mean() + (outer() * module() ** 2).sum()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.01), hypergrad="itd")
+    def outer(inner):
+        return ((inner() - 1) ** 2).sum()
+
+    program = mlo.Program(inner, outer)
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
+            warnings.simplefilter("ignore")
+            return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    for _ in range(100):
+        program.step()
+    early = live_tensors()
+    for _ in range(900):
+        program.step()
+    assert program.steps["outer"] == 500
+    assert live_tensors() <= early
+    assert all(window.steps <= 2 for window in program._windows.values())
