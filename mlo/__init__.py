@@ -1,6 +1,6 @@
 """mlo: gradient-based multilevel optimization in plain PyTorch."""
 
-from . import hypergrad, linsolve, optim
+from . import hypergrad, linsolve, loggers, optim
 from .errors import (CheckpointError, GraphError, LevelError, LossError, MloError, NonFiniteError,
                      OptimizerError)
 from .graph import Graph
@@ -10,5 +10,5 @@ from .program import Program
 __version__ = "0.1.0"
 
 __all__ = ["level", "Program", "Upper", "Lower", "Level", "Graph", "registry", "hypergrad",
-           "linsolve", "optim", "MloError", "LevelError", "GraphError", "LossError",
+           "linsolve", "loggers", "optim", "MloError", "LevelError", "GraphError", "LossError",
            "OptimizerError", "NonFiniteError", "CheckpointError"]

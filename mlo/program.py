@@ -9,15 +9,16 @@ import torch
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
 from .graph import infer
 from .handle import Handle
-from .hypergrad import Method
+from . import checkpoint, distributed
+from .chain import ChainRule
+from .data import Stream
 from .level import Level, registry
-from .optim import SUPPORTED, FunctionalOptimizer
 from .precision import Precision
 from .running import Runner
 from .unroll import Window
 
 
-class Program(Runner):
+class Program(Runner, ChainRule):
     """A multilevel program built from levels; `Program()` takes every level in `mlo.registry`.
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
@@ -51,7 +52,11 @@ class Program(Runner):
         self._windows: dict[tuple[str, str], Window] = {}
         for upper in self._edges:
             self._restart_windows(upper)
-        self._init_data()
+        self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
+                         if lv.data is not None}
+        if distributed.world_size() > 1:
+            for lv in levels:
+                distributed.broadcast_level(lv)
 
     def __repr__(self) -> str:
         return f"<mlo Program: {', '.join(self.graph.order)} (lowest first), step {self.global_step}>"
@@ -92,7 +97,7 @@ class Program(Runner):
             losses.append((loss, metrics))
             finite &= ok
         self._last_batch[name] = micro_batches[-1]
-        if finite:
+        if distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
             self.skipped[name] += 1
@@ -101,6 +106,8 @@ class Program(Runner):
         return self.history[name][-1]["loss"]
 
     def _apply(self, level: Level, precision: Precision) -> None:
+        if distributed.world_size() > 1:
+            distributed.average_grads(level.named_parameters().values())
         precision.unscale(level.optimizer)
         if level.options.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(list(level.named_parameters().values()),
@@ -200,86 +207,40 @@ class Program(Runner):
             f"non-finite {what} ({value}). Lower its learning rate, clip gradients "
             f"(clip_grad=...), or build the Program with on_nonfinite='skip' to skip such updates.")
 
-    def _hypergradient(self, upper: str, direct: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """Sum, over every path of `upper`, the chained best-response VJPs (paper eq. 2).
-
-        Paths are accumulated as adjoints, uppermost level first, so that a level shared by
-        several paths is differentiated once for all of them.
-        """
-        edges = self._edges[upper]
-        adjoint = {low: v for low, v in direct.items() if low in edges}
-        result: dict[str, torch.Tensor] = {}
-        for name in reversed(self.graph.order):
-            if name not in edges or name not in adjoint:
-                continue
-            inputs = edges[name]
-            out = self._best_response_vjp(upper, name, inputs, adjoint.pop(name))
-            for source in inputs:
-                target = result if source == upper else adjoint.setdefault(source, {})
-                for key, t in out[source].items():
-                    target[key] = t if key not in target else target[key] + t
-        return result
-
-    def _best_response_vjp(self, upper: str, name: str, inputs, v) -> dict[str, dict]:
-        """Return (dθ*_name / dθ_source)ᵀ v for each source in `inputs`, by `upper`'s method."""
-        level, method = self.levels[name], self.levels[upper].method
-        outer = {(src, k): p.detach() for src in inputs
-                 for k, p in self.levels[src].named_parameters().items()}
-        context = {"lr": level.optimizer.param_groups[0]["lr"],
-                   "dtype": self._precision[name].dtype}
-        if method.name == "itd":
-            window = self._windows[(upper, name)]
-            if not window.steps:
-                return {src: {} for src in inputs}
-            inner, losses = window.params, [self._closure(level, b) for b in window.batches]
-            context.update(optimizer=window.optimizers, state=window.state)
-        else:
-            inner = {k: p.detach() for k, p in level.named_parameters().items()}
-            losses = self._closure(level, [self._last_batch.get(name)])
-            if method.name == "sama" and type(level.optimizer).__name__ in SUPPORTED:
-                live = level.named_parameters()
-                optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
-                context.update(optimizer=optimizer,
-                               state=optimizer.state(level.optimizer, live, copy=False))
-        out = method(losses, inner, outer, v, **context)
-        return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
-
-    def _closure(self, level: Level, batches: list):
-        """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name)."""
-        def cost(inner, outer):
-            params = {level.name: inner}
-            for (src, key), t in outer.items():
-                params.setdefault(src, {})[key] = t
-            return sum(self._cost(level, b, params)[0] for b in batches) / len(batches)
-        return cost
-
-    # -- data -----------------------------------------------------------------------------------
-
-    def _init_data(self) -> None:
-        self._iterators = {n: None for n in self.levels}
-        self.data_positions = {n: [0, 0] for n in self.levels}  # [epoch, batches drawn in it]
+    # -- data and checkpoints ------------------------------------------------------------------
 
     def _next_batch(self, level: Level):
         if not level.uses_batch:
             return None
-        if level.data is None:
+        if level.name not in self._streams:
             raise MloError(f"Program.step (step {self.global_step}): level '{level.name}' takes a "
                            f"batch but has no data; pass data=... to @mlo.level or a batch with "
                            f"program.step({level.name}=batch).")
-        position = self.data_positions[level.name]
-        for _ in range(2):
-            if self._iterators[level.name] is None:
-                self._iterators[level.name] = iter(level.data)
-            try:
-                batch = next(self._iterators[level.name])
-                position[1] += 1
-                return batch
-            except StopIteration:
-                self._iterators[level.name] = None
-                position[0], position[1] = position[0] + 1, 0
-        raise MloError(f"Program.step (step {self.global_step}): level '{level.name}': its data "
-                       f"yielded no batch after a restart; pass a re-iterable (a list or a "
-                       f"DataLoader), not a one-shot iterator or an empty dataset.")
+        return self._streams[level.name].next(self.global_step)
+
+    def state_dict(self) -> dict:
+        """Return everything a resumed run needs: modules, optimizers, schedulers, loss scalers,
+        counters (inside an unroll window too), recorded unrolls, RNG states and data positions."""
+        return checkpoint.program_state(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` into this program, built from the same levels."""
+        checkpoint.load_program_state(self, state)
+
+    def save(self, path) -> None:
+        """Write `state_dict()` to `path` (a torch file that loads with weights_only=True)."""
+        checkpoint.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path, *levels: Level, **options) -> "Program":
+        """Build `Program(*levels, **options)` and restore the checkpoint at `path` into it.
+
+        The file is read with `torch.load(weights_only=True)`: a file holding any other pickled
+        object is refused with a `CheckpointError`, never executed.
+        """
+        program = cls(*levels, **options)
+        program.load_state_dict(checkpoint.load(path))
+        return program
 
 
 def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:

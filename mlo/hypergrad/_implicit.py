@@ -16,8 +16,16 @@ from ._method import Params
 
 
 def implicit_vjp(loss_fn, inner_params: Params, outer_params: Params, v: Params,
-                 solve: Callable[[Callable[[Params], Params], Params], Params]) -> Params:
-    """Return −∂²f/∂φ∂θ · solve(H, v) for f = loss_fn(inner_params, outer_params)."""
+                 solve: Callable[[Callable[[Params], Params], Params], Params],
+                 reduce: Callable[[Params], Params] | None = None) -> Params:
+    """Return −∂²f/∂φ∂θ · solve(H, v) for f = loss_fn(inner_params, outer_params).
+
+    `reduce` (data parallelism) averages each Hessian-vector product over ranks, so that H is the
+    Hessian of the mean of the ranks' costs.
+    """
     _, linearized = vjp(grad(loss_fn, argnums=0), inner_params, outer_params)
-    u = solve(lambda w: linearized(w)[0], v)
+    if reduce is None:
+        u = solve(lambda w: linearized(w)[0], v)
+    else:
+        u = solve(lambda w: reduce(linearized(w)[0]), v)
     return {k: -t for k, t in linearized(u)[1].items()}

@@ -18,8 +18,8 @@ class Method:
     `outer_params`, where `loss_fn(inner_params, outer_params)` is the inner cost. The keyword
     context is what a `Program` knows of the inner level and passes to every method, each using
     what it needs: `lr` (inner learning rate), `optimizer` (a `mlo.optim.FunctionalOptimizer`),
-    `state` (that optimizer's state at `inner_params`) and `dtype` (the inner cost's autocast
-    dtype, or None).
+    `state` (that optimizer's state at `inner_params`), `dtype` (the inner cost's autocast
+    dtype, or None) and, under data parallelism, `reduce` (the mean over ranks of a dict).
     """
 
     name: str

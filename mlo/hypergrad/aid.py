@@ -24,9 +24,9 @@ def aid_cg(iters: int = 10, damping: float = 0.0) -> Method:
     >>> out["lam"]  # Bᵀ A⁻¹ v
     tensor([0.5000, 0.2500])
     """
-    def method(loss_fn, inner_params, outer_params, v, **context):
+    def method(loss_fn, inner_params, outer_params, v, *, reduce=None, **context):
         solve = partial(linsolve.cg, iters=iters, damping=damping)
-        return implicit_vjp(loss_fn, inner_params, outer_params, v, solve)
+        return implicit_vjp(loss_fn, inner_params, outer_params, v, solve, reduce)
 
     return Method("aid_cg", method, (("iters", iters), ("damping", damping)))
 
@@ -46,11 +46,11 @@ def aid_neumann(iters: int = 10, alpha: float | None = None) -> Method:
     >>> out["lam"]
     tensor([1., 1.])
     """
-    def method(loss_fn, inner_params, outer_params, v, *, lr=None, **context):
+    def method(loss_fn, inner_params, outer_params, v, *, lr=None, reduce=None, **context):
         step = alpha if alpha is not None else lr
         if step is None:
             raise TypeError("aid_neumann: no alpha; pass aid_neumann(alpha=...) or call with lr=.")
         solve = partial(linsolve.neumann, iters=iters, alpha=step)
-        return implicit_vjp(loss_fn, inner_params, outer_params, v, solve)
+        return implicit_vjp(loss_fn, inner_params, outer_params, v, solve, reduce)
 
     return Method("aid_neumann", method, (("iters", iters), ("alpha", alpha)))

@@ -1,0 +1,75 @@
+"""The chain rule of paper eq. 2 over a program's hypergradient paths (a part of `Program`)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import distributed
+from .level import Level
+from .optim import SUPPORTED, FunctionalOptimizer
+
+
+class ChainRule:
+    """Hypergradients of an upper level: chained best-response VJPs along every path, summed."""
+
+    def _hypergradient(self, upper: str, direct: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """Sum, over every path of `upper`, the chained best-response VJPs (paper eq. 2).
+
+        Paths are accumulated as adjoints, uppermost level first, so that a level shared by
+        several paths is differentiated once for all of them.
+        """
+        edges = self._edges[upper]
+        adjoint = {low: _average(v) for low, v in direct.items() if low in edges}
+        result: dict[str, torch.Tensor] = {}
+        for name in reversed(self.graph.order):
+            if name not in edges or name not in adjoint:
+                continue
+            inputs = edges[name]
+            out = self._best_response_vjp(upper, name, inputs, adjoint.pop(name))
+            for source in inputs:
+                # vectors that feed further VJPs are averaged over ranks here; the upper level's
+                # own part is averaged with its direct gradient in one all-reduce per step
+                part = out[source] if source == upper else _average(out[source])
+                target = result if source == upper else adjoint.setdefault(source, {})
+                for key, t in part.items():
+                    target[key] = t if key not in target else target[key] + t
+        return result
+
+    def _best_response_vjp(self, upper: str, name: str, inputs, v) -> dict[str, dict]:
+        """Return (dθ*_name / dθ_source)ᵀ v for each source in `inputs`, by `upper`'s method."""
+        level, method = self.levels[name], self.levels[upper].method
+        outer = {(src, k): p.detach() for src in inputs
+                 for k, p in self.levels[src].named_parameters().items()}
+        context = {"lr": level.optimizer.param_groups[0]["lr"],
+                   "dtype": self._precision[name].dtype}
+        if distributed.world_size() > 1:
+            context["reduce"] = distributed.average
+        if method.name == "itd":
+            window = self._windows[(upper, name)]
+            if not window.steps:
+                return {src: {} for src in inputs}
+            inner, losses = window.params, [self._closure(level, b) for b in window.batches]
+            context.update(optimizer=window.optimizers, state=window.state)
+        else:
+            inner = {k: p.detach() for k, p in level.named_parameters().items()}
+            losses = self._closure(level, [self._last_batch.get(name)])
+            if method.name == "sama" and type(level.optimizer).__name__ in SUPPORTED:
+                live = level.named_parameters()
+                optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
+                context.update(optimizer=optimizer,
+                               state=optimizer.state(level.optimizer, live, copy=False))
+        out = method(losses, inner, outer, v, **context)
+        return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
+
+    def _closure(self, level: Level, batches: list):
+        """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name)."""
+        def cost(inner, outer):
+            params = {level.name: inner}
+            for (src, key), t in outer.items():
+                params.setdefault(src, {})[key] = t
+            return sum(self._cost(level, b, params)[0] for b in batches) / len(batches)
+        return cost
+
+
+def _average(params: dict) -> dict:
+    return distributed.average(params) if distributed.world_size() > 1 else params

@@ -1,0 +1,125 @@
+"""Checkpoints of a whole `Program`: everything needed for a resumed run to continue exactly."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import torch
+
+from .errors import CheckpointError, quoted
+from .optim import FunctionalOptimizer
+from .unroll import Window
+
+FORMAT = 1
+
+
+def program_state(program) -> dict:
+    """Return the program's state as plain containers of tensors and numbers (safe to load)."""
+    levels = {}
+    for name, level in program.levels.items():
+        scheduler = level.options.scheduler
+        levels[name] = {
+            "module": level.module.detach().clone() if isinstance(level.module, torch.Tensor)
+            else level.module.state_dict(),
+            "optimizer": level.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "precision": program._precision[name].state_dict(),
+            "data": program._streams[name].state_dict() if name in program._streams else None,
+            "last_batch": program._last_batch.get(name),
+        }
+    return {
+        "format": FORMAT, "global_step": program.global_step, "steps": dict(program.steps),
+        "skipped": dict(program.skipped), "seen": program._seen, "levels": levels,
+        "history": program.history, "windows": {f"{u}/{low}": _window_state(w)
+                                                 for (u, low), w in program._windows.items()},
+        "rng": _rng_state(),
+    }
+
+
+def load_program_state(program, state: dict) -> None:
+    """Restore `program_state` output into `program`, which must have the same levels."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError("Program.load_state_dict: not an mlo checkpoint (no 'format': "
+                              f"{FORMAT}); save it with program.save(path) or state_dict().")
+    saved, ours = set(state["levels"]), set(program.levels)
+    if saved != ours:
+        raise CheckpointError(f"Program.load_state_dict: the checkpoint has levels {quoted(saved)}, "
+                              f"this program has {quoted(ours)}; build the program from the same "
+                              f"levels it was saved from.")
+    for name, entry in state["levels"].items():
+        _load_level(program, name, entry)
+    program.global_step, program.steps = state["global_step"], dict(state["steps"])
+    program.skipped, program._seen = dict(state["skipped"]), state["seen"]
+    program.history = state["history"]
+    program._windows = {tuple(key.split("/")): _window_from(w) for key, w in state["windows"].items()}
+    _set_rng_state(state["rng"])
+
+
+def _load_level(program, name: str, entry: dict) -> None:
+    level = program.levels[name]
+    with torch.no_grad():
+        if isinstance(level.module, torch.Tensor):
+            level.module.copy_(entry["module"])
+        else:
+            level.module.load_state_dict(entry["module"])
+    level.optimizer.load_state_dict(entry["optimizer"])
+    if entry["scheduler"] is not None:
+        level.options.scheduler.load_state_dict(entry["scheduler"])
+    program._precision[name].load_state_dict(entry["precision"])
+    if entry["data"] is not None and name in program._streams:
+        program._streams[name].load_state_dict(entry["data"])
+    if entry["last_batch"] is not None:
+        program._last_batch[name] = entry["last_batch"]
+
+
+def save(state: dict, path) -> None:
+    torch.save(state, path)
+
+
+def load(path) -> dict:
+    """Read a checkpoint with `torch.load(weights_only=True)`: no arbitrary object is unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
+        raise CheckpointError(
+            f"Program.load: refused to load {path}: it holds objects other than tensors and plain "
+            f"containers, so it is not an mlo checkpoint (or it was tampered with). "
+            f"Details: {str(error).splitlines()[0]}") from None
+
+
+def _window_state(window: Window) -> dict:
+    return {"params": window.params, "state": window.state, "batches": window.batches,
+            "optimizers": [{"kind": o.kind, "hyper": o.hyper, "clip_grad": o.clip_grad}
+                           for o in window.optimizers]}
+
+
+def _window_from(state: dict) -> Window:
+    return Window(state["params"], state["state"], list(state["batches"]),
+                  [FunctionalOptimizer(**o) for o in state["optimizers"]])
+
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
