@@ -27,13 +27,17 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def scale_loss(self, loss):
+        """Return the loss multiplied by the current loss scale (the loss itself without fp16)."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     @property
     def scale(self) -> float:
         return self.scaler.get_scale() if self.scaler is not None else 1.0
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the gradients in `.grad` by the loss scale (before clipping)."""
-        if self.scaler is not None:
+        if self.scaler is not None and _has_grads(optimizer):
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -41,6 +45,8 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
             return True
+        if not _has_grads(optimizer):
+            return True  # nothing to unscale or check: the step is a no-op, as in plain torch
         before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
@@ -55,3 +61,7 @@ class Precision:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.overflows = state["overflows"]
+
+
+def _has_grads(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])

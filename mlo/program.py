@@ -181,7 +181,7 @@ class Program(Runner, ChainRule):
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
-        scaled = loss * (precision.scale / level.options.grad_accum)
+        scaled = precision.scale_loss(loss) / level.options.grad_accum
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
