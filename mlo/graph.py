@@ -82,9 +82,9 @@ class Graph:
 
     def to_mermaid(self) -> str:
         """Return the graph as Mermaid flowchart source (solid: l2u, dashed: u2l)."""
-        lines = ["flowchart BT"] + [f"    {n}[{n}]" for n in self.order]
-        lines += [f"    {low} -->|solution| {u}" for low, u in self.l2u]
-        lines += [f"    {u} -.->|params| {low}" for u, low in self.u2l]
+        lines = ["flowchart BT"] + [f'    L_{n}["{n}"]' for n in self.order]  # ids avoid keywords
+        lines += [f"    L_{low} -->|solution| L_{u}" for low, u in self.l2u]
+        lines += [f"    L_{u} -.->|params| L_{low}" for u, low in self.u2l]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:

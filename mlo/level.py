@@ -68,6 +68,9 @@ class Level:
 
     def __call__(self, *args, **kwargs):
         if isinstance(self.module, torch.Tensor):
+            if args or kwargs:
+                raise TypeError(f"level '{self.name}' is a tensor of hyperparameters; call it "
+                                f"with no arguments to get it.")
             return self.module
         return self.module(*args, **kwargs)
 

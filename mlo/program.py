@@ -73,12 +73,27 @@ class Program(Runner, ChainRule):
             if name not in self.levels:
                 raise GraphError(f"Program.step: got a batch for '{name}', but no level has that "
                                  f"name; levels: {quoted(self.levels)}.{closest(name, self.levels)}")
+        for name in batches:
+            if not self.due(name):
+                raise MloError(f"Program.step (step {self.global_step}): got a batch for "
+                               f"'{name}', but it does not step in this global step; pass its "
+                               f"batch only when program.due('{name}') is True.")
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
                 losses[name] = self._step_level(self.levels[name], batches.get(name))
         self.global_step += 1
         return losses
+
+    def due(self, name: str) -> bool:
+        """Return whether level `name` steps in the next global step, given the steps so far.
+
+        For an upper level this is decided before the levels below it step, so it holds when
+        each level it reads has taken `unroll` steps (less the one it takes next, if it is due).
+        """
+        return all(self.steps[low] + self.due(low) - seen >= self.levels[low].options.unroll
+                   and self.steps[low] + self.due(low) >= self.levels[low].options.warmup
+                   for low, seen in self._seen[name].items())
 
     def _ready(self, name: str) -> bool:
         return all(self.steps[low] - seen >= self.levels[low].options.unroll
@@ -88,6 +103,8 @@ class Program(Runner, ChainRule):
     def _step_level(self, level: Level, batch) -> float:
         name, options = level.name, level.options
         precision = self._precision[name]
+        if self.steps[name] < options.warmup:
+            self._slide_windows(level)
         level.optimizer.zero_grad(set_to_none=True)
         micro_batches, losses, finite = [], [], True
         for i in range(options.grad_accum):
@@ -125,10 +142,17 @@ class Program(Runner, ChainRule):
             self._seen[name] = {low: self.steps[low] for low in self._seen[name]}
         if name in self._edges:
             self._restart_windows(name)
-        entry = {"step": self.global_step, "loss": sum(l for l, _ in losses) / len(losses)}
+        entry = {"step": self.global_step + 1, "loss": sum(l for l, _ in losses) / len(losses)}
         for _, metrics in losses[-1:]:
             entry.update(metrics)
         self.history[name].append(entry)
+
+    def _slide_windows(self, level: Level) -> None:
+        """During warmup keep at most `unroll` recorded steps: no upper level can step yet, so
+        older steps would only be replayed (and held in memory) at the first upper step."""
+        for (upper, lower), window in self._windows.items():
+            if lower == level.name and window.steps >= level.options.unroll:
+                self._windows[(upper, lower)] = Window.start(level)
 
     def _restart_windows(self, upper: str) -> None:
         if self.levels[upper].method.name != "itd":
@@ -161,7 +185,8 @@ class Program(Runner, ChainRule):
                 raise LossError(f"Program.step (step {self.global_step}): level '{level.name}' "
                                 f"returned a dict without a 'loss' key (keys: {quoted(out)}); "
                                 f"return {{'loss': scalar, ...metrics}}.")
-            metrics = {k: float(v) for k, v in out.items() if k != "loss"}
+            metrics = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+                       for k, v in out.items() if k != "loss"}
             out = out["loss"]
         if not isinstance(out, torch.Tensor) or out.dim() != 0:
             got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
@@ -266,6 +291,10 @@ def _check_levels(levels) -> None:
         if lv.name in names:
             raise GraphError(f"Program: two levels are named '{lv.name}'; give one another name "
                              f"with @mlo.level(name=...).")
+        if lv.name == "validate":
+            raise GraphError("Program: a level is named 'validate', which program.history "
+                             "reserves for validation results; give it another name with "
+                             "@mlo.level(name=...).")
         names.add(lv.name)
 
 
