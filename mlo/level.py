@@ -52,6 +52,7 @@ class Level:
     def __init__(self, fn: Callable, module, optimizer, data, hypergrad, name: str, options: Options):
         self.fn, self.module, self.optimizer, self.data = fn, module, optimizer, data
         self.name, self.options = name, options
+        self._params: dict[str, torch.Tensor] | None = None
         self.method: Method | None = resolve(hypergrad, name)
         self.location = where(fn)
         self.names, self.uses_batch, self.uses_module = _parse_signature(fn, name, self.location)
@@ -61,10 +62,21 @@ class Level:
         return Node(self.name, self.method is not None, self.names, self.location)
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        """Return this level's trainable parameters by name (a bare tensor is named 'param')."""
+        """Return this level's trainable parameters by name (a bare tensor is named 'param').
+
+        Read once and cached; building a `Program` reads them again (`refresh`), so parameters
+        frozen or added after that take effect at the next `Program(...)`.
+        """
+        if self._params is None:
+            self.refresh()
+        return self._params
+
+    def refresh(self) -> None:
+        """Re-read the module's trainable parameters."""
         if isinstance(self.module, torch.Tensor):
-            return {"param": self.module}
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+            self._params = {"param": self.module}
+        else:
+            self._params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def __call__(self, *args, **kwargs):
         if isinstance(self.module, torch.Tensor):

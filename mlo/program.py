@@ -38,6 +38,8 @@ class Program(Runner, ChainRule):
             raise MloError(f"Program: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
         self.levels = {lv.name: lv for lv in levels}
+        for lv in levels:
+            lv.refresh()
         self.graph = infer([lv.node for lv in levels])
         self.global_step = 0
         self.steps = {n: 0 for n in self.levels}
@@ -163,17 +165,19 @@ class Program(Runner, ChainRule):
     # -- costs and gradients ------------------------------------------------------------------
 
     def _cost(self, level: Level, batch, params: dict[str, dict]) -> tuple[torch.Tensor, dict]:
-        """Evaluate a level's cost with `params` by level name (others: current, detached)."""
+        """Evaluate a level's cost with `params` by level name; other levels run live.
+
+        A live level runs its module directly (no functional call): its parameters may enter the
+        autograd graph, but gradients are only ever taken with respect to explicit inputs, so
+        they never receive any; this is cheaper than rebinding detached copies on every call.
+        """
         kwargs = {}
         if level.uses_batch:
             kwargs["batch"] = batch
         if level.uses_module:
             kwargs["module"] = Handle(level, params.get(level.name))
         for other, _ in level.names:
-            values = params.get(other)
-            if values is None:
-                values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
-            kwargs[other] = Handle(self.levels[other], values)
+            kwargs[other] = Handle(self.levels[other], params.get(other))
         with self._precision[level.name].autocast():
             out = level.fn(**kwargs)
         return self._loss_of(level, out)
@@ -200,9 +204,8 @@ class Program(Runner, ChainRule):
         """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`."""
         edges = self._edges.get(level.name, {})
         reads = [low for low in self.graph.reads(level.name) if low in edges] if edges else []
-        params = {low: {k: p.detach().requires_grad_()
-                        for k, p in self.levels[low].named_parameters().items()} for low in reads}
-        loss, metrics = self._cost(level, batch, params)
+        params = {low: self.levels[low].named_parameters() for low in reads}
+        loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
@@ -218,7 +221,7 @@ class Program(Runner, ChainRule):
                                                else g + hyper[key] * precision.scale)
             if total is not None:
                 p.grad = total if p.grad is None else p.grad + total
-        finite = all(torch.isfinite(h).all() for h in hyper.values())
+        finite = not hyper or bool(torch.stack([torch.isfinite(h).all() for h in hyper.values()]).all())
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"), "hypergradient")
 
     def _finite(self, level: Level, value: float, what: str) -> bool:
