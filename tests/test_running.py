@@ -123,3 +123,26 @@ def test_nonfinite_loss_skip_mode_counts_and_does_not_update():
         net.weight.fill_(float("nan"))
     program.step()
     assert program.skipped["fit"] == 1 and net.weight.grad is None
+
+
+def test_tensorboard_logger_writes_events_or_says_what_to_install(tmp_path):
+    fit, _, _ = regression()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(mlo.MloError, match=r"TensorBoard: the tensorboard package is not installed"):
+            mlo.loggers.TensorBoard(tmp_path)
+        return
+    writer = mlo.loggers.TensorBoard(tmp_path)
+    mlo.Program(fit).run(2, log=writer, progress=False)
+    writer.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+
+
+def test_wandb_logger_says_what_to_install():
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed; it would need an account to log")
+    except ImportError:
+        with pytest.raises(mlo.MloError, match=r"WandB: the wandb package is not installed"):
+            mlo.loggers.WandB(project="x")
