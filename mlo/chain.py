@@ -67,7 +67,7 @@ class ChainRule:
             params = {level.name: inner}
             for (src, key), t in outer.items():
                 params.setdefault(src, {})[key] = t
-            return sum(self._cost(level, b, params)[0] for b in batches) / len(batches)
+            return sum(self._cost(level, b, params, frozen=True)[0] for b in batches) / len(batches)
         return cost
 
 

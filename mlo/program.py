@@ -164,12 +164,15 @@ class Program(Runner, ChainRule):
 
     # -- costs and gradients ------------------------------------------------------------------
 
-    def _cost(self, level: Level, batch, params: dict[str, dict]) -> tuple[torch.Tensor, dict]:
+    def _cost(self, level: Level, batch, params: dict[str, dict],
+              frozen: bool = False) -> tuple[torch.Tensor, dict]:
         """Evaluate a level's cost with `params` by level name; other levels run live.
 
         A live level runs its module directly (no functional call): its parameters may enter the
         autograd graph, but gradients are only ever taken with respect to explicit inputs, so
         they never receive any; this is cheaper than rebinding detached copies on every call.
+        With `frozen=True` (hypergradient passes) the other levels run on detached parameters,
+        so those auxiliary passes record no graph for parameters nobody differentiates.
         """
         kwargs = {}
         if level.uses_batch:
@@ -177,7 +180,10 @@ class Program(Runner, ChainRule):
         if level.uses_module:
             kwargs["module"] = Handle(level, params.get(level.name))
         for other, _ in level.names:
-            kwargs[other] = Handle(self.levels[other], params.get(other))
+            values = params.get(other)
+            if values is None and frozen:
+                values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
+            kwargs[other] = Handle(self.levels[other], values)
         with self._precision[level.name].autocast():
             out = level.fn(**kwargs)
         return self._loss_of(level, out)

@@ -168,3 +168,26 @@ def test_itd_memory_does_not_grow_over_outer_steps():
     assert program.steps["outer"] == 500
     assert live_tensors() <= early
     assert all(window.steps <= 2 for window in program._windows.values())
+
+
+@pytest.mark.parametrize("method", ["aid_fd", "aid_cg", "itd"])
+def test_hypergradient_passes_record_no_graph_for_levels_not_differentiated(method):
+    w, lam, aux = param(vec(3, seed=1)), param(vec(3, seed=2)), param(vec(3, seed=3))
+    tracked = []
+
+    @mlo.level(module=aux, optimizer=torch.optim.SGD([aux], lr=0.1))
+    def helper(module):
+        return ((module() - 1) ** 2).sum()
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1))
+    def inner(module, outer, helper):
+        tracked.append(helper().requires_grad)
+        return ((module() - outer() * helper()) ** 2).sum()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad=method)
+    def outer(inner):
+        return (inner() ** 2).sum()
+
+    mlo.Program(helper, inner, outer).step()
+    assert tracked[0] is True  # inner's own step: the live helper, never differentiated
+    assert len(tracked) > 1 and not any(tracked[1:])  # hypergradient passes: detached
