@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the one-step hypergradient agreement check")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--explicit-max-d", type=int, default=None,
+                        help="scaling: largest d for the explicit d×d baseline "
+                             "(default 10,000; quick 1,000)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
             rows, extra = run_cases(program, name, args), ""
         suffix = "_quick" if args.quick else ""
         md, csv = report.write(name + suffix, program.TITLE, info, command, rows,
-                               program.NOTES, extra)
+                               program.NOTES, extra, getattr(program, "PER_CASE_TABLES", True))
         print(f"   {time.perf_counter() - started:.0f} s; wrote {os.path.relpath(md)} and "
               f"{os.path.relpath(csv)}")
     return 0

@@ -6,7 +6,6 @@ A *program* is a package under `benchmarks/` (e.g. `benchmarks.reweight`) exposi
     IMPLEMENTATIONS: tuple[str]     module names of its implementations, hand-written first
     NOTES: list[str]                markdown notes printed under its tables
     cases(quick: bool) -> list[Case]
-    check_config(config) -> config  the same config with a plain-SGD outer step (see `agreement`)
 
 and an *implementation* is a module of that package exposing
 
@@ -17,11 +16,15 @@ and an *implementation* is a module of that package exposing
                                     runner.outer_params() -> list[Tensor] in a fixed order.
 
 Timing protocol: every implementation is built from the same initial parameters and data, takes
-`warmup` outer steps, then `reps` timed outer steps interleaved A B C A B C ... in one process, so
-machine noise (thermal state, other processes) hits all of them alike. Memory is the peak resident
-set size during one outer step above the resident size just before it (Linux: the kernel's high
-water mark is reset through /proc/self/clear_refs and freed heap is returned with malloc_trim first),
-or the peak of torch.cuda.memory_allocated above the allocated memory before the step on a GPU.
+`warmup` outer steps, then `reps` timed outer steps interleaved A B C, B C A, ... in one process,
+so machine noise (thermal state, other processes) hits all of them alike. Memory is measured on
+`MEMORY_STEPS` further (untimed) steps, because measuring it perturbs time: the peak resident set
+size during one outer step above the resident size just before it (Linux: freed heap is returned
+to the system with malloc_trim and the kernel's high-water mark is reset through
+/proc/self/clear_refs first, so the step's fresh pages are counted — and page-faulted, which is why
+those steps are not timed), or the peak of torch.cuda.memory_allocated above the allocated memory
+before the step on a GPU. Every implementation takes the same number of steps, so the final losses
+compare equal work.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+
+MEMORY_STEPS = 2  # extra outer steps per implementation, after the timed ones, to measure memory
 
 
 @dataclass
@@ -107,14 +114,17 @@ def _status_kb(key: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory above the level at `start()`, in MiB, on CPU (RSS) or CUDA (allocator)."""
+    """Peak memory above the level at `start()`, in MiB: RSS on CPU, the allocator on CUDA.
+
+    On Linux the kernel's RSS high-water mark is exact; elsewhere a psutil thread samples the RSS
+    every millisecond (it can miss peaks shorter than that).
+    """
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
-        self.base = 0
         self.linux = os.path.exists("/proc/self/clear_refs")
-        if not self.cuda and not self.linux:
-            import psutil  # noqa: F401  (fallback below samples nothing; reported as nan)
+        self.base = 0
+        self._sampler = None
 
     def start(self) -> None:
         gc.collect()
@@ -127,6 +137,8 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             self.base = _status_kb("VmRSS") * 1024
+        else:
+            self._sampler = _RssSampler()
 
     def stop(self) -> float:
         if self.cuda:
@@ -134,7 +146,27 @@ class PeakMemory:
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
         if self.linux:
             return max(0, _status_kb("VmHWM") * 1024 - self.base) / 2**20
-        return float("nan")
+        return self._sampler.stop() / 2**20 if self._sampler else float("nan")
+
+
+class _RssSampler:
+    def __init__(self):
+        import threading
+
+        import psutil
+        self.process, self.done = psutil.Process(), threading.Event()
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return max(0, max(self.peak, self.process.memory_info().rss) - self.base)
 
 
 def _sync(device: str) -> None:
@@ -162,6 +194,7 @@ def machine(device: str = "cpu") -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": device,
+        "load average at start": "%.2f" % os.getloadavg()[0],
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -211,6 +244,7 @@ def measure(program, name: str, case: Case, impls: list[str], check: bool = True
             continue
         try:
             runners[impl] = module.make(case.config)
+            row.reason = getattr(runners[impl], "note", "")
         except Exception as exc:
             row.status, row.reason = "error", _why(exc)
             log(f"    {impl}: make failed: {row.reason}")
@@ -222,23 +256,24 @@ def measure(program, name: str, case: Case, impls: list[str], check: bool = True
     live = [r for r in live if r.status == "ok"]
 
     memory = PeakMemory(device)
-    for rep in range(case.reps):
+    for rep in range(case.reps + MEMORY_STEPS):
         # rotate the order so no implementation always runs right after the same other one
         order = live[rep % len(live):] + live[:rep % len(live)] if live else []
+        timed = rep < case.reps
         for row in order:
             if row.status != "ok":
                 continue
-            runner = runners[row.impl]
-            memory.start()
+            if not timed:
+                memory.start()
             _sync(device)
             start = time.perf_counter()
             ok = _guarded(row, runners, lambda r: r.step())
             _sync(device)
             elapsed = (time.perf_counter() - start) * 1e3
-            peak = memory.stop()
-            if ok:
+            if ok and timed:
                 row.times_ms.append(elapsed)
-                row.mem_mb.append(peak)
+            elif ok:
+                row.mem_mb.append(memory.stop())
     for row in live:
         if row.status == "ok":
             _guarded(row, runners, lambda r: setattr(row, "loss", float(r.loss())))
@@ -253,23 +288,18 @@ def measure(program, name: str, case: Case, impls: list[str], check: bool = True
 def agreement(program, case: Case, rows: list[Row], log=print) -> None:
     """Compare one outer step's hypergradient of every implementation with the reference's.
 
-    Each implementation is rebuilt from the same initial parameters with a plain-SGD outer
-    optimizer of learning rate 1 (`program.check_config`), so the change of the outer parameters
-    over one step is minus the hypergradient, and differences are not hidden by Adam's
-    normalisation of the first step.
+    Each implementation is rebuilt from the same initial parameters and takes one outer step; a
+    global optimizer step pre-hook records the gradient its upper-level optimizer is about to
+    apply (the hypergradient). Reading the gradient, not the parameter change, keeps float32
+    rounding of the parameters and Adam's normalisation of the first step out of the comparison.
     """
-    config = program.check_config(case.config)
     grads = {}
     for row in rows:
         if row.status != "ok":
             continue
         module, _ = load(program.__name__.rsplit(".", 1)[-1], row.impl)
         try:
-            runner = module.make(config)
-            before = [p.detach().clone() for p in runner.outer_params()]
-            runner.step()
-            grads[row.impl] = torch.cat([(b - a.detach()).flatten().double()
-                                         for b, a in zip(before, runner.outer_params())])
+            grads[row.impl] = _one_hypergradient(module.make(case.config))
         except Exception as exc:
             log(f"    {row.impl}: agreement check failed: {_why(exc)}")
     reference = rows[0].impl
@@ -282,6 +312,29 @@ def agreement(program, case: Case, rows: list[Row], log=print) -> None:
             diff = (grads[row.impl] - ref).abs().max().item()
             row.diff_abs = diff
             row.diff_rel = diff / scale if scale > 0 else float("nan")
+
+
+def _one_hypergradient(runner) -> torch.Tensor:
+    params = list(runner.outer_params())
+    watch = {id(p) for p in params}
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in watch and p.grad is not None:
+                    seen[id(p)] = p.grad.detach().clone()
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        runner.step()
+    finally:
+        handle.remove()
+    missing = [p for p in params if id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"{len(missing)} upper-level parameter(s) were not stepped by a "
+                           f"torch.optim optimizer with a gradient")
+    return torch.cat([seen[id(p)].flatten().double() for p in params])
 
 
 def _guarded(row: Row, runners: dict, fn) -> bool:

@@ -12,6 +12,15 @@ from .harness import Row
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+COLUMNS = (
+    "Columns: ms per outer step (median and interquartile range over the timed steps, "
+    "implementations interleaved in one process after warm-up); ×hand = median over the "
+    "hand-written median; peak MiB = largest per-step peak memory above the memory held before "
+    "the step; loss = evaluation loss after all steps (equal work gives equal losses up to float "
+    "rounding); Δ hypergrad = max abs difference of one outer step's hypergradient from the "
+    "hand-written one (absolute, and relative to its largest entry).")
+
+
 def _fmt(x: float, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -25,21 +34,16 @@ def _sci(x: float) -> str:
 
 
 def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[str],
-             extra: str = "") -> str:
+             extra: str = "", per_case: bool = True) -> str:
     """Render one program's rows: one table per case, the reference implementation first."""
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     lines += ["Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
-    lines += ["Columns: ms per outer step (median and interquartile range over the timed steps, "
-              "implementations interleaved in one process after warm-up); ×hand = median over the "
-              "hand-written median; peak MiB = largest per-step peak memory above the memory "
-              "held before the step; loss = evaluation loss after all steps (equal work gives "
-              "equal losses up to float rounding); Δ hypergrad = max abs difference of one outer "
-              "step's hypergradient from the hand-written one (absolute, and relative to its "
-              "largest entry).", ""]
+    if per_case:
+        lines += [COLUMNS, ""]
     groups: OrderedDict[str, list[Row]] = OrderedDict()
     for row in rows:
         groups.setdefault(row.case, []).append(row)
-    for case, group in groups.items():
+    for case, group in groups.items() if per_case else ():
         lines += [f"## {case}", ""]
         lines += ["| implementation | ms/step (median) | IQR | ×hand | peak MiB | loss | "
                   "Δ hypergrad abs | Δ rel | note |",
@@ -50,7 +54,7 @@ def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[
                 q1, q3 = r.iqr
                 ratio = r.median / ref if ref and not math.isnan(ref) else float("nan")
                 lines.append(f"| {r.impl} | {_fmt(r.median)} | {_fmt(q1)}–{_fmt(q3)} | "
-                             f"{_fmt(ratio, 2)} | {_fmt(r.peak_mb)} | {_fmt(r.loss, 4)} | "
+                             f"{_fmt(ratio, 2)} | {_fmt(r.peak_mb, 2)} | {_fmt(r.loss, 4)} | "
                              f"{_sci(r.diff_abs)} | {_sci(r.diff_rel)} | {r.reason} |")
             else:
                 lines.append(f"| {r.impl} | {r.status} | | | | | | | "
@@ -64,13 +68,13 @@ def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[
 
 
 def write(name: str, title: str, info: dict, command: str, rows: list[Row], notes: list[str],
-          extra: str = "") -> tuple[str, str]:
+          extra: str = "", per_case: bool = True) -> tuple[str, str]:
     """Write results/<name>.md and results/<name>.csv; return their paths."""
     os.makedirs(RESULTS, exist_ok=True)
     md_path = os.path.join(RESULTS, f"{name}.md")
     csv_path = os.path.join(RESULTS, f"{name}.csv")
     with open(md_path, "w") as f:
-        f.write(markdown(title, info, command, rows, notes, extra))
+        f.write(markdown(title, info, command, rows, notes, extra, per_case))
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "method", "implementation", "status", "ms_median", "ms_q1",

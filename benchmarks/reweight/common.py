@@ -30,7 +30,7 @@ class Config:
     iters: int = 3                    # CG / Neumann iterations
     inner_lr: float = 0.1             # classifier SGD; also ξ of aid_fd and α of aid_neumann
     outer_lr: float = 1e-3            # weight-net Adam
-    outer_optimizer: str = "adam"     # adam | sgd (sgd is used by the agreement check)
+    outer_optimizer: str = "adam"     # adam | sgd
     r: float = 0.01                   # aid_fd radius: ε = r / ‖v‖
     train_batches: int = 16
     meta_batches: int = 8

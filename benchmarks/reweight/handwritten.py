@@ -8,6 +8,12 @@ What makes it the speed limit:
 - aid_cg / aid_neumann build the gradient graph g = ∇_θ f once (create_graph) and reuse it for
   every Hessian-vector product and for the final mixed product ∂²f/∂φ∂θ · u;
 - itd records exactly the unrolled steps it differentiates.
+
+The Hessian-vector products use torch.autograd.grad on the retained gradient graph with only the
+classifier as inputs. Measured on this CPU (784-256-10 and 784-1024-1024-10, 3 CG iterations), a
+torch.func.vjp of the gradient map (which returns the weight-net cotangent on every product too)
+was 5-60% slower and forward-over-reverse (torch.func.jvp of torch.func.grad, recomputing the
+forward each product) 50-250% slower, so the baseline uses the fastest of the three.
 """
 
 from __future__ import annotations
