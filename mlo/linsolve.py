@@ -25,7 +25,8 @@ def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: 
     """Solve (A + damping·I) x = b by conjugate gradient from x = 0, for symmetric positive A.
 
     Cost: `iters` calls of `matvec`. Exact after n iterations for an n-dimensional A (in exact
-    arithmetic); once the residual vanishes later iterations change nothing.
+    arithmetic); once the residual vanishes later iterations change nothing. On an indefinite A
+    it runs the same recurrence (no safeguard beyond `damping`), as plain CG does.
 
     >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
     >>> x = cg(lambda v: {"w": A @ v["w"]}, {"w": torch.tensor([1.0, 0.0])}, iters=2)
@@ -36,18 +37,26 @@ def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: 
     residual = dict(b)
     direction = dict(b)
     rs = _dot(residual, residual)
-    tiny = torch.finfo(rs.dtype).tiny
     for _ in range(iters):
         product = matvec(direction)
         if damping:
             product = _axpy(damping, direction, product)
-        step = rs / _dot(direction, product).clamp_min(tiny)
+        step = _divide(rs, _dot(direction, product))
         x = _axpy(step, direction, x)
         residual = _axpy(-step, product, residual)
         rs_new = _dot(residual, residual)
-        direction = _axpy(rs_new / rs.clamp_min(tiny), direction, residual)
+        direction = _axpy(_divide(rs_new, rs), direction, residual)
         rs = rs_new
     return x
+
+
+def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, and 0 where the denominator is exactly 0 (a converged solve).
+
+    The sign is kept: on an indefinite Hessian (a non-convex inner level away from its minimum)
+    CG then behaves as plain CG does rather than taking an unbounded step.
+    """
+    return numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
 
 
 def neumann(matvec: Callable[[Params], Params], b: Params, iters: int = 10,
