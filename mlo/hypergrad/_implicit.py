@@ -1,16 +1,17 @@
 """The implicit-differentiation kernel shared by `aid_cg` and `aid_neumann`.
 
 At a solution θ* of min_θ f(θ, φ), ∇_θ f(θ*, φ) = 0, so dθ*/dφ = −H⁻¹ ∂²f/∂θ∂φ with H = ∂²f/∂θ².
-Hence (dθ*/dφ)ᵀ v = −∂²f/∂φ∂θ · u with H u = v. One reverse-mode linearisation of the map
-(θ, φ) ↦ ∇_θ f(θ, φ) gives both products: its VJP with w is (H w, ∂²f/∂φ∂θ · w), so the gradient
-graph is built once and each Hessian-vector product is one backward pass through it.
+Hence (dθ*/dφ)ᵀ v = −∂²f/∂φ∂θ · u with H u = v. The gradient graph g = ∇_θ f(θ, φ) is built once;
+each Hessian-vector product H w is one backward pass of g·w to θ, and the mixed product one
+backward pass of g·u to φ. Products are taken to θ alone (not also to φ, as a VJP of the whole map
+(θ, φ) ↦ g would), so no backward pass computes a cotangent nobody uses.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from torch.func import grad, vjp
+import torch
 
 from ._method import Params
 
@@ -23,9 +24,26 @@ def implicit_vjp(loss_fn, inner_params: Params, outer_params: Params, v: Params,
     `reduce` (data parallelism) averages each Hessian-vector product over ranks, so that H is the
     Hessian of the mean of the ranks' costs.
     """
-    _, linearized = vjp(grad(loss_fn, argnums=0), inner_params, outer_params)
-    if reduce is None:
-        u = solve(lambda w: linearized(w)[0], v)
-    else:
-        u = solve(lambda w: reduce(linearized(w)[0]), v)
-    return {k: -t for k, t in linearized(u)[1].items()}
+    with torch.enable_grad():
+        inner = {k: t.detach().requires_grad_() for k, t in inner_params.items()}
+        outer = {k: t.detach().requires_grad_() for k, t in outer_params.items()}
+        gradient = _grad(loss_fn(inner, outer), inner, create_graph=True)
+
+        def hvp(w: Params) -> Params:
+            product = _grad(gradient, inner, w, retain_graph=True)
+            return reduce(product) if reduce is not None else product
+
+        u = solve(hvp, v)
+        mixed = _grad(gradient, outer, u)
+    return {k: -t for k, t in mixed.items()}
+
+
+def _grad(outputs, inputs: Params, cotangents: Params | None = None, **options) -> Params:
+    """torch.autograd.grad on parameter dicts (`outputs` a scalar, or a dict matched by key with
+    `cotangents`); an input the outputs do not reach gets zeros."""
+    if isinstance(outputs, dict):
+        outputs, cotangents = list(outputs.values()), [cotangents[k] for k in outputs]
+    keys = list(inputs)
+    grads = torch.autograd.grad(outputs, [inputs[k] for k in keys], cotangents,
+                                allow_unused=True, **options)
+    return {k: torch.zeros_like(inputs[k]) if g is None else g for k, g in zip(keys, grads)}
