@@ -19,7 +19,7 @@ class ChainRule:
         several paths is differentiated once for all of them.
         """
         edges = self._edges[upper]
-        adjoint = {low: _average(v) for low, v in direct.items() if low in edges}
+        adjoint = {low: self._average(v) for low, v in direct.items() if low in edges}
         result: dict[str, torch.Tensor] = {}
         for name in reversed(self.graph.order):
             if name not in edges or name not in adjoint:
@@ -29,7 +29,7 @@ class ChainRule:
             for source in inputs:
                 # vectors that feed further VJPs are averaged over ranks here; the upper level's
                 # own part is averaged with its direct gradient in one all-reduce per step
-                part = out[source] if source == upper else _average(out[source])
+                part = out[source] if source == upper else self._average(out[source])
                 target = result if source == upper else adjoint.setdefault(source, {})
                 for key, t in part.items():
                     target[key] = t if key not in target else target[key] + t
@@ -42,7 +42,7 @@ class ChainRule:
                  for k, p in self.levels[src].named_parameters().items()}
         context = {"lr": level.optimizer.param_groups[0]["lr"],
                    "dtype": self._precision[name].dtype}
-        if distributed.world_size() > 1:
+        if self._parallel:
             context["reduce"] = distributed.average
         if method.name == "itd":
             window = self._windows[(upper, name)]
@@ -70,6 +70,5 @@ class ChainRule:
             return sum(self._cost(level, b, params, frozen=True)[0] for b in batches) / len(batches)
         return cost
 
-
-def _average(params: dict) -> dict:
-    return distributed.average(params) if distributed.world_size() > 1 else params
+    def _average(self, params: dict) -> dict:
+        return distributed.average(params) if self._parallel else params

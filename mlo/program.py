@@ -56,7 +56,10 @@ class Program(Runner, ChainRule):
             self._restart_windows(upper)
         self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
                          if lv.data is not None}
-        if distributed.world_size() > 1:
+        self._parallel = distributed.world_size() > 1
+        self._reads = {n: tuple(low for low in self.graph.reads(n) if low in self._edges.get(n, {}))
+                       for n in self.levels}  # the solutions each level differentiates through
+        if self._parallel:
             for lv in levels:
                 distributed.broadcast_level(lv)
 
@@ -107,7 +110,7 @@ class Program(Runner, ChainRule):
         precision = self._precision[name]
         if self.steps[name] < options.warmup:
             self._slide_windows(level)
-        level.optimizer.zero_grad(set_to_none=True)
+        _clear_grads(level)
         micro_batches, losses, finite = [], [], True
         for i in range(options.grad_accum):
             micro = batch if i == 0 and batch is not None else self._next_batch(level)
@@ -116,16 +119,16 @@ class Program(Runner, ChainRule):
             losses.append((loss, metrics))
             finite &= ok
         self._last_batch[name] = micro_batches[-1]
-        if distributed.all_ranks(finite):
+        if finite if not self._parallel else distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
             self.skipped[name] += 1
-            level.optimizer.zero_grad(set_to_none=True)
+            _clear_grads(level)
         self._record(level, micro_batches, losses)
         return self.history[name][-1]["loss"]
 
     def _apply(self, level: Level, precision: Precision) -> None:
-        if distributed.world_size() > 1:
+        if self._parallel:
             distributed.average_grads(level.named_parameters().values())
         precision.unscale(level.optimizer)
         if level.options.clip_grad is not None:
@@ -209,7 +212,7 @@ class Program(Runner, ChainRule):
     def _accumulate(self, level: Level, batch, precision: Precision):
         """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`."""
         edges = self._edges.get(level.name, {})
-        reads = [low for low in self.graph.reads(level.name) if low in edges] if edges else []
+        reads = self._reads[level.name]
         params = {low: self.levels[low].named_parameters() for low in reads}
         loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
@@ -286,6 +289,13 @@ def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
             out[low][key] = torch.zeros_like(t) if g is None else g * factor
             i += 1
     return out
+
+
+def _clear_grads(level: Level) -> None:
+    """Set the level's gradients to None (what zero_grad(set_to_none=True) does, without its
+    per-call profiling overhead, which shows on small levels stepped thousands of times)."""
+    for p in level.named_parameters().values():
+        p.grad = None
 
 
 def _check_levels(levels) -> None:
