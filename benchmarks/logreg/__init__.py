@@ -16,9 +16,13 @@ NOTES = [
     "aid_fd: ξ = inner lr, r = 0.01, ε = r/‖v‖; itd: reverse mode through the `unroll` steps.",
     "Betty: `darts` uses ξ = 1, so the Betty implementation multiplies its validation loss by "
     "ξ = 0.1 to compute the same hypergradient; Betty's `cg` updates the search direction with "
-    "the old residual, so its aid_cg is not textbook CG (Δ hypergrad is a real difference); "
+    "the old residual, so its aid_cg is not textbook CG (Δ hypergrad is a real difference; with that line "
+    "corrected by a monkeypatch, `python -m benchmarks.betty_cg_check`, it agrees with the hand-written CG to 3e-7 relative); "
     "Betty's itd (IterativeProblem) does not run with torch 2.x. TorchOpt has no aid_fd; "
     "higher has only itd.",
+    "mlo's itd inside a Program replays the inner level's recorded steps since the outer "
+    "level's last step (here all `unroll` of them); the `steps` shown in its repr is the "
+    "functional core's default and is not used there.",
     "Δ hypergrad: each implementation is rebuilt from the initial parameters and takes one outer "
     "step; the gradient its λ optimizer applies is recorded by a torch.optim step pre-hook and "
     "compared with the hand-written one.",

@@ -22,12 +22,16 @@ NOTES = [
     "hypergradient (the weight net's direct gradient is zero). Betty's `cg` updates the search "
     "direction with the old residual (p ← r_old + βp instead of r_new + βp), so after the first "
     "iteration it is not conjugate gradient: its Δ hypergrad for aid_cg is a real difference, "
-    "not rounding. Betty's `IterativeProblem` (itd) does not run with torch 2.x.",
+    "not rounding (with that one line corrected by a monkeypatch, `python -m benchmarks.betty_cg_check`, Betty agrees with the "
+    "hand-written CG to 2e-6 relative). Betty's `IterativeProblem` (itd) does not run with torch 2.x.",
     "TorchOpt 0.7.3: aid_cg / aid_neumann through `torchopt.diff.implicit.custom_root` with "
     "`solve_cg(maxiter=3, rtol=0)` / `solve_inv(ns=True, maxiter=3, alpha=0.1)`; itd through "
     "`torchopt.MetaSGD`. It has no finite-difference (aid_fd) method.",
     "higher 0.2.1: itd only (`innerloop_ctx` with a differentiable SGD); it has no implicit "
     "differentiation.",
+    "mlo's itd inside a Program replays the classifier's recorded steps since the weight net's "
+    "last step (all `unroll` of them); the `steps` in its repr is the functional core's default "
+    "and is not used there.",
     "Δ hypergrad: each implementation is rebuilt from the initial parameters and takes one outer "
     "step; the gradient its weight-net optimizer applies is recorded by a torch.optim step "
     "pre-hook and compared with the hand-written one.",
