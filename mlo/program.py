@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
-from .graph import infer
-from .handle import Handle
 from . import checkpoint, distributed
 from .chain import ChainRule
 from .data import Stream
+from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
+from .graph import infer
+from .handle import Handle
 from .level import Level, registry
 from .precision import Precision
 from .running import Runner
@@ -189,17 +189,20 @@ class Program(Runner, ChainRule):
             kwargs[other] = Handle(self.levels[other], values)
         with self._precision[level.name].autocast():
             out = level.fn(**kwargs)
-        return self._loss_of(level, out)
+        return self._loss_of(level, out, metrics=not frozen)
 
-    def _loss_of(self, level: Level, out) -> tuple[torch.Tensor, dict]:
-        metrics = {}
+    def _loss_of(self, level: Level, out, metrics: bool = True) -> tuple[torch.Tensor, dict]:
+        """Split a cost's output into the scalar loss and its metrics (read only when `metrics`:
+        hypergradient passes may run under torch.func transforms, where values cannot be read)."""
+        values = {}
         if isinstance(out, dict):
             if "loss" not in out:
                 raise LossError(f"Program.step (step {self.global_step}): level '{level.name}' "
                                 f"returned a dict without a 'loss' key (keys: {quoted(out)}); "
                                 f"return {{'loss': scalar, ...metrics}}.")
-            metrics = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-                       for k, v in out.items() if k != "loss"}
+            if metrics:
+                values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+                          for k, v in out.items() if k != "loss"}
             out = out["loss"]
         if not isinstance(out, torch.Tensor) or out.dim() != 0:
             got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
@@ -207,7 +210,7 @@ class Program(Runner, ChainRule):
             raise LossError(f"Program.step (step {self.global_step}): level '{level.name}' "
                             f"returned {got}; expected a scalar tensor loss. Reduce it, e.g. "
                             f"with .mean().")
-        return out.float(), metrics
+        return out.float(), values
 
     def _accumulate(self, level: Level, batch, precision: Precision):
         """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`."""

@@ -191,3 +191,23 @@ def test_hypergradient_passes_record_no_graph_for_levels_not_differentiated(meth
     mlo.Program(helper, inner, outer).step()
     assert tracked[0] is True  # inner's own step: the live helper, never differentiated
     assert len(tracked) > 1 and not any(tracked[1:])  # hypergradient passes: detached
+
+
+@pytest.mark.parametrize("method", ["aid_fd", "aid_cg", "itd", "sama"])
+def test_lower_cost_returning_metrics_works_under_every_method(method):
+    w, lam = param(vec(3, seed=1)), param(vec(3, seed=2))
+
+    @mlo.level(module=w, optimizer=torch.optim.Adam([w], lr=0.1))
+    def inner(module, outer):
+        error = module() - outer()
+        return {"loss": (error ** 2).sum(), "max_error": error.abs().max()}
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad=method)
+    def outer(inner):
+        return ((inner() - 1) ** 2).sum()
+
+    program = mlo.Program(inner, outer)
+    before = lam.detach().clone()
+    program.step()
+    assert "max_error" in program.history["inner"][0]
+    assert not torch.equal(lam.detach(), before)
