@@ -154,3 +154,20 @@ def test_ridge_regression_hyperparameter():
     v = {"w": Xv.T @ (Xv @ w - yv)}
     out = aid_cg(iters=2 * N)(ridge, {"w": w}, {"log_lam": log_lam.detach()}, v)
     assert torch.allclose(out["log_lam"], exact, atol=1e-8, rtol=0)
+
+
+def test_aid_fd_differentiates_the_cost_value_through_detach():
+    """Documented: finite differences see the value of f, not its stop-gradients."""
+    with_detach = lambda w, lam: (lam["lam"] * w["w"].detach() * w["w"]).sum()  # noqa: E731
+    without = lambda w, lam: (lam["lam"] * w["w"] * w["w"]).sum()  # noqa: E731
+    w, lam, v = {"w": torch.tensor([1.0])}, {"lam": torch.tensor([1.0])}, {"w": torch.tensor([1.0])}
+    assert torch.allclose(itd(steps=1)(with_detach, w, lam, v, lr=1.0)["lam"], torch.tensor([-1.0]))
+    assert torch.allclose(aid_fd(scale=1.0)(with_detach, w, lam, v)["lam"],
+                          aid_fd(scale=1.0)(without, w, lam, v)["lam"])
+    assert torch.allclose(aid_fd(scale=1.0)(with_detach, w, lam, v)["lam"], torch.tensor([-2.0]))
+
+
+def test_aid_fd_with_zero_vector_is_zero():
+    inner, outer, v = point()
+    assert torch.equal(aid_fd(scale=1.0)(inner_cost, inner, outer, {"w": torch.zeros(N, dtype=torch.float64)})["lam"],
+                       torch.zeros(M, dtype=torch.float64))

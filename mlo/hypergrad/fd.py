@@ -18,16 +18,21 @@ def radius_for(r: float, dtype: torch.dtype | None) -> float:
 def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Params,
                       r: float, scale: float) -> Params:
     """Return −scale · [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r / ‖v‖."""
-    norm = torch.sqrt(sum((t.detach().to(torch.promote_types(t.dtype, torch.float32)) ** 2).sum()
-                           for t in v.values()))
-    epsilon = r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    keys = list(inner_params)
+    directions = [v[k].detach() for k in keys]
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(d, dtype=torch.float64) for d in directions])))
+    if norm == 0.0:
+        return {k: torch.zeros_like(t) for k, t in outer_params.items()}
+    epsilon = r / norm
     with torch.no_grad():  # the perturbed points are constants: no graph for the inner params
-        plus = {k: p + epsilon.to(p.dtype) * v[k] for k, p in inner_params.items()}
-        minus = {k: p - epsilon.to(p.dtype) * v[k] for k, p in inner_params.items()}
+        points = [p.detach() for p in inner_params.values()]
+        plus = dict(zip(keys, torch._foreach_add(points, directions, alpha=epsilon)))
+        minus = dict(zip(keys, torch._foreach_add(points, directions, alpha=-epsilon)))
     # one backward pass through f(θ+εv, ·) − f(θ−εv, ·) instead of one per point
     difference = grad(lambda outer: loss_fn(plus, outer) - loss_fn(minus, outer))(outer_params)
     factor = -scale / (2 * epsilon)
-    return {k: (factor * d).to(d.dtype) for k, d in difference.items()}
+    return {k: factor * d for k, d in difference.items()}
 
 
 def aid_fd(r: float = 0.01, scale: float | None = None) -> Method:
@@ -36,7 +41,13 @@ def aid_fd(r: float = 0.01, scale: float | None = None) -> Method:
     Computes (dθ*/dφ)ᵀ v ≈ −ξ [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r/‖v‖, i.e. the
     one-step unrolled best response θ − ξ∇_θ f with ξ the inner level's current learning rate, or
     `scale` (Betty's convention is scale=1). The radius grows for float16/bfloat16 compute.
-    Cost: two first-order backward passes, no second-order graph. Use it for large models.
+    Cost: two first-order forward passes and one backward pass, no second-order graph (one host
+    synchronisation, to read ‖v‖). Use it for large models.
+
+    It differences the cost's *value*, so it cannot see a `.detach()` inside the inner cost: for
+    a cost such as Meta-Weight-Net's Σ w_φ(ℓ(θ).detach()) ℓ(θ) it also differentiates the weights'
+    dependence on θ, which the inner gradient (and `itd`, `aid_cg`, `aid_neumann`) ignore. Use one
+    of those where the inner cost stops gradients and the exact mixed product matters.
 
     >>> import torch
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
@@ -56,7 +67,8 @@ def sama(r: float = 0.01, scale: float | None = None) -> Method:
 
     Computes `aid_fd` applied to P v, where P ≈ ∂(update)/∂(gradient) is diagonal: for Adam and
     AdamW P = 1/(√v̂ + eps) from the optimizer's second-moment state (bias-corrected); for SGD and
-    before the first step P = I. Cost: as `aid_fd`. Use it when the inner level trains with Adam.
+    before the first step P = I. Cost: as `aid_fd`, whose note on `.detach()` applies too. Use it
+    when the inner level trains with Adam.
 
     >>> import torch
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
