@@ -32,7 +32,10 @@ class Handle:
             return module if self._params is None else self._params["param"]
         if self._params is None:
             return module(*args, **kwargs)
-        return functional_call(module, self._params, args, kwargs, strict=False)
+        # Functional passes (hypergradients) run on copies of the buffers: BatchNorm's running
+        # statistics are not advanced by them, and torch.func transforms allow the in-place update
+        buffers = {k: b.clone() for k, b in module.named_buffers()}
+        return functional_call(module, {**self._params, **buffers}, args, kwargs, strict=False)
 
     def __repr__(self) -> str:
         return f"<handle of level '{self.level.name}'>"

@@ -213,7 +213,12 @@ class Program(Runner, ChainRule):
         return out.float(), values
 
     def _accumulate(self, level: Level, batch, precision: Precision):
-        """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`."""
+        """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`.
+
+        On an fp16 level an overflow anywhere in it (the scaled gradient passed to the levels
+        below, or the hypergradient that comes back) is left in `.grad`, where the loss scaler
+        finds it: the step is skipped, counted and the scale lowered, as for any fp16 overflow.
+        """
         edges = self._edges.get(level.name, {})
         reads = self._reads[level.name]
         params = {low: self.levels[low].named_parameters() for low in reads}
@@ -227,13 +232,17 @@ class Program(Runner, ChainRule):
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
             else [None] * len(inputs)
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale)
-        hyper = self._hypergradient(level.name, direct_reads) if edges else {}
+        overflow = precision.scaler is not None and not _all_finite(direct_reads)
+        hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
+        finite = _all_finite({level.name: hyper})
+        if precision.scaler is not None and not (finite and not overflow):
+            hyper = {k: torch.full_like(p, float("inf")) for k, p in own.items()}
+            finite = True
         for (key, p), g in zip(own.items(), grads[:len(own)]):
             total = g if key not in hyper else (hyper[key] * precision.scale if g is None
                                                else g + hyper[key] * precision.scale)
             if total is not None:
                 p.grad = total if p.grad is None else p.grad + total
-        finite = not hyper or bool(torch.stack([torch.isfinite(h).all() for h in hyper.values()]).all())
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"), "hypergradient")
 
     def _finite(self, level: Level, value: float, what: str) -> bool:
@@ -292,6 +301,12 @@ def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
             out[low][key] = torch.zeros_like(t) if g is None else g * factor
             i += 1
     return out
+
+
+def _all_finite(tensors: dict[str, dict]) -> bool:
+    """Whether every tensor of a {level: {name: tensor}} dict is finite (one host read)."""
+    flags = [torch.isfinite(t).all() for values in tensors.values() for t in values.values()]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _clear_grads(level: Level) -> None:

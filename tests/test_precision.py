@@ -75,3 +75,32 @@ def test_finite_difference_radius_grows_for_half_precision():
     from mlo.hypergrad.fd import radius_for
     assert radius_for(0.01, torch.float32) == 0.01
     assert 0.01 < radius_for(0.01, torch.float16) < radius_for(0.01, torch.bfloat16) < 1.0
+
+
+def test_fp16_upper_level_overflow_in_its_hypergradient_is_a_skipped_step():
+    torch.manual_seed(0)
+    net, wnet = nn.Linear(8, 3), nn.Sequential(nn.Linear(1, 4), nn.Sigmoid())
+    data = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=data)
+    def classifier(batch, module, weighting):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(module(x), y, reduction="none")
+        return (weighting(loss.detach()[:, None]).mean(1) * loss).mean()
+
+    @mlo.level(module=wnet, optimizer=torch.optim.SGD(wnet.parameters(), lr=0.1), data=data,
+               hypergrad="aid_fd", fp16=True)
+    def weighting(batch, classifier):
+        x, y = batch
+        return 1e4 * torch.nn.functional.cross_entropy(classifier(x), y)  # × 65536 overflows fp16
+
+    program = mlo.Program(classifier, weighting)
+    precision = program._precision["weighting"]
+    before = [p.detach().clone() for p in wnet.parameters()]
+    program.step()
+    assert precision.overflows == 1 and precision.scale == 32768.0
+    assert all(torch.equal(a, b) for a, b in zip(before, wnet.parameters()))
+    for _ in range(12):
+        program.step()
+    assert program.skipped["weighting"] == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, wnet.parameters()))

@@ -211,3 +211,26 @@ def test_lower_cost_returning_metrics_works_under_every_method(method):
     program.step()
     assert "max_error" in program.history["inner"][0]
     assert not torch.equal(lam.detach(), before)
+
+
+@pytest.mark.parametrize("method", ["aid_fd", "aid_cg", "itd", "sama"])
+def test_batchnorm_lower_level_works_and_hypergradient_passes_leave_its_statistics(method):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 1))
+    scale = torch.nn.Parameter(torch.ones(4))
+    x = torch.randn(16, 4)
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    def inner(module, outer):
+        return ((module(x * outer()) - 1) ** 2).mean()
+
+    @mlo.level(module=scale, optimizer=torch.optim.SGD([scale], lr=0.1), hypergrad=method)
+    def outer(inner):
+        return (inner(x) ** 2).mean()
+
+    program = mlo.Program(inner, outer)
+    for _ in range(3):
+        program.step()
+    assert int(net[1].num_batches_tracked) == 6  # 3 inner steps + 3 outer forward passes
+    assert not torch.equal(scale.detach(), torch.ones(4))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import grad
 
@@ -22,8 +24,9 @@ def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Pa
     directions = [v[k].detach() for k in keys]
     norm = float(torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(d, dtype=torch.float64) for d in directions])))
-    if norm == 0.0:
-        return {k: torch.zeros_like(t) for k, t in outer_params.items()}
+    if norm == 0.0 or not math.isfinite(norm):  # nothing to propagate, or nothing finite to
+        fill = 0.0 if norm == 0.0 else float("nan")  # propagate (the caller's check sees NaN)
+        return {k: torch.full_like(t, fill) for k, t in outer_params.items()}
     epsilon = r / norm
     with torch.no_grad():  # the perturbed points are constants: no graph for the inner params
         points = [p.detach() for p in inner_params.values()]
