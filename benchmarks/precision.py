@@ -1,7 +1,7 @@
 """Peak memory and step time of fp32 vs fp16 vs bf16 on a ResNet-18 data-reweighting program.
 
 Meta-Weight-Net shape: a `classifier` level (ResNet-18, BasicBlock [2, 2, 2, 2], widths
-64-128-256-512, 3×32×32 inputs, 10 classes, BatchNorm on batch statistics; SGD) trains on
+64-128-256-512, 3×32×32 inputs, 10 classes, BatchNorm; SGD) trains on
 per-sample losses weighted by a 1-100-1 weight net; the `weighting` level (Adam) learns through
 the classifier's solution with `hypergrad="aid_fd"`. Both levels run in the precision under test:
 `@mlo.level()`, `@mlo.level(fp16=True)` or `@mlo.level(bf16=True)`. Data: random, fixed seed.
@@ -45,9 +45,7 @@ PRECISIONS = {"fp32": {}, "fp16": {"fp16": True}, "bf16": {"bf16": True}}
 
 
 def norm(channels: int) -> nn.BatchNorm2d:
-    # Batch statistics only: aid_fd's torch.func.grad pass refuses BatchNorm's in-place update of
-    # its running-stat buffers (an mlo bug); the training-mode computation is the same.
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+    return nn.BatchNorm2d(channels)
 
 
 class BasicBlock(nn.Module):
