@@ -298,7 +298,7 @@ def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
         out[low] = {}
         for key, t in values.items():
             g = grads[i]
-            out[low][key] = torch.zeros_like(t) if g is None else g * factor
+            out[low][key] = torch.zeros_like(t) if g is None else g if factor == 1.0 else g * factor
             i += 1
     return out
 

@@ -27,18 +27,18 @@ def implicit_vjp(loss_fn, inner_params: Params, outer_params: Params, v: Params,
     with torch.enable_grad():
         inner = {k: t.detach().requires_grad_() for k, t in inner_params.items()}
         outer = {k: t.detach().requires_grad_() for k, t in outer_params.items()}
-        gradient = _grad(loss_fn(inner, outer), inner, create_graph=True)
+        gradient = gradients(loss_fn(inner, outer), inner, create_graph=True)
 
         def hvp(w: Params) -> Params:
-            product = _grad(gradient, inner, w, retain_graph=True)
+            product = gradients(gradient, inner, w, retain_graph=True)
             return reduce(product) if reduce is not None else product
 
         u = solve(hvp, v)
-        mixed = _grad(gradient, outer, u)
+        mixed = gradients(gradient, outer, u)
     return {k: -t for k, t in mixed.items()}
 
 
-def _grad(outputs, inputs: Params, cotangents: Params | None = None, **options) -> Params:
+def gradients(outputs, inputs: Params, cotangents: Params | None = None, **options) -> Params:
     """torch.autograd.grad on parameter dicts (`outputs` a scalar, or a dict matched by key with
     `cotangents`); an input the outputs do not reach gets zeros."""
     if isinstance(outputs, dict):
