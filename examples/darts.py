@@ -1,4 +1,4 @@
-"""Differentiable architecture search (DARTS, Liu et al. 2019) over an MLP cell on Fashion-MNIST.
+"""Differentiable architecture search (DARTS) over an MLP cell on Fashion-MNIST.
 
 The search space is one cell: a stem h0 = relu(W x), then nodes h_j = Σ_{i<j} o_ij(h_i) for
 j = 1..3 (6 edges), and logits = head(h1 + h2 + h3). Each edge's operation is one of zero,

@@ -79,7 +79,7 @@ def _load_digits():
 def long_tailed(x, y, imbalance, num_classes, seed):
     """Subsample to a long-tailed class distribution with geometric class counts.
 
-    Class c keeps int(n_max * imbalance ** (-c / (C - 1))) random samples (Cui et al. 2019 and
+    Class c keeps int(n_max * imbalance ** (-c / (C - 1))) random samples (the class-balanced-loss and
     Meta-Weight-Net convention), where n_max is the smallest per-class count available, so class 0 is
     the head and class C - 1 keeps n_max / imbalance. Returns x, y in their original order.
     """

@@ -4,7 +4,7 @@ An MLP classifier trains on a long-tailed subset of Fashion-MNIST (class c keeps
 imbalance^(-c/9) of its images, data.long_tailed). A 1-100-1 weight net (sigmoid output) maps each
 sample's loss to its weight in the classifier's loss and learns, through the classifier's solution,
 to lower the loss on a balanced meta set of 100 images (10 per class) held out of training
-(Shu et al., 2019, "Meta-Weight-Net"):
+("Meta-Weight-Net"):
 
     classifier:  min_θ  Σ_i w_φ(ℓ_i) ℓ_i / Σ_i w_φ(ℓ_i),  ℓ_i = CE(f_θ(x_i), y_i)
     weighting:   min_φ  CE(f_θ*(φ)(x_meta), y_meta)       through θ*(φ), by --methods

@@ -5,7 +5,7 @@ The source is 10,000 Fashion-MNIST training images with a random contrast cut an
 of them "harmful": their labels go through one fixed derangement of the classes
 (data.shifted_domain).
 The target is the clean domain: 100 training images, 100 validation images and the 10k test set.
-As in the "learning by ignoring" setting of the Betty paper (appendix A.3), the weights are one
+As in the "learning by ignoring" setting of multilevel-optimization papers, the weights are one
 logit per source sample, w_i = sigmoid(φ_i):
 
     pretrain:  min_θp  Σ_i w_i ℓ_i / Σ_i w_i,   ℓ_i = CE(f_θp(x_i), y_i) on the source     SGD

@@ -1,7 +1,7 @@
 """Learn one weight decay per feature of a logistic regression by hypergradient descent.
 
-The synthetic problem of Betty (paper, appendix B.1): x ~ N(0, I_d), y = 1[x·w_true + 0.1ε > 0],
-split 1/4 : 1/4 : 1/2 into train, validation and test. Unlike Betty, only the first `--informative`
+A standard synthetic HPO problem: x ~ N(0, I_d), y = 1[x·w_true + 0.1ε > 0],
+split 1/4 : 1/4 : 1/2 into train, validation and test. Here only the first `--informative`
 entries of w_true are non-zero, so that a decay per feature has something to find (shrink the noise
 features, free the informative ones). The bilevel program:
 

@@ -3,7 +3,7 @@
 An MLP classifier trains on 5,000 Fashion-MNIST images whose labels were corrupted (40% of them,
 symmetric or class-dependent "flip" noise c -> c+1, see data.noisy_labels). Two upper levels shape
 its loss, and both learn, through the classifier's solution, to lower its loss on a clean meta set
-of 100 images (Meta-Weight-Net, Shu et al. 2019; Meta Label Correction, Zheng et al. 2021):
+of 100 images (Meta-Weight-Net; Meta Label Correction):
 
     classifier:  min_θ  Σ_i w_i ℓ_i / Σ_i w_i,  ℓ_i = CE(f_θ(x_i), ŷ_ψ(p_i, y_i)), w_i = w_φ(ℓ_i)
     reweight:    min_φ  CE(f_θ*(x_meta), y_meta)   w_φ: a 1-100-1 net on the sample's loss

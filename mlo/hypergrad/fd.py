@@ -47,7 +47,7 @@ def aid_fd(r: float = 0.01, scale: float | None = None) -> Method:
 
     Computes (dθ*/dφ)ᵀ v ≈ −ξ [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r/‖v‖, i.e. the
     one-step unrolled best response θ − ξ∇_θ f with ξ the inner level's current learning rate, or
-    `scale` (Betty's convention is scale=1). The radius grows for float16/bfloat16 compute.
+    `scale` (scale=1 is the other common convention). The radius grows for float16/bfloat16 compute.
     Cost: two first-order forward passes and one backward pass, no second-order graph (one host
     synchronisation, to read ‖v‖). Use it for large models.
 
