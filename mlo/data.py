@@ -41,7 +41,8 @@ class Stream:
 
     def _start(self) -> None:
         distributed.set_epoch(self.data, self.epoch)
-        self._rng = torch.get_rng_state()
+        if not isinstance(self.data, (list, tuple)):  # iterating a list draws no random numbers
+            self._rng = torch.get_rng_state()
         self._iterator = iter(self.data)
 
     def state_dict(self) -> dict:

@@ -226,12 +226,14 @@ class Program(Runner, ChainRule):
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
-        scaled = precision.scale_loss(loss) / level.options.grad_accum
+        scaled = precision.scale_loss(loss)
+        if level.options.grad_accum > 1:
+            scaled = scaled / level.options.grad_accum
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
             else [None] * len(inputs)
-        direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale)
+        direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
         overflow = precision.scaler is not None and not _all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
         finite = _all_finite({level.name: hyper})
