@@ -48,6 +48,14 @@ class Program(Runner, ChainRule):
         self._seen = {n: {low: 0 for low in self.graph.reads(n)} for n in self.levels}
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
                        if lv.method is not None and lv.method.name != "first_order"}
+        for name, edges in self._edges.items():
+            if not edges:
+                raise GraphError(
+                    f"Program: level '{name}' declares hypergrad={self.levels[name].method!r}, but "
+                    f"no level whose solution it reads depends on its parameters, so its "
+                    f"hypergradient would always be zero.\n  {self.levels[name].location}\n  Name "
+                    f"'{name}' in the signature of the level it should steer, or use "
+                    f"hypergrad='first_order' (direct gradient only).")
         self._precision = {n: Precision(lv.options.fp16, lv.options.bf16, _device_type(lv))
                            for n, lv in self.levels.items()}
         self._last_batch: dict[str, object] = {}

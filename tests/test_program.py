@@ -322,3 +322,32 @@ def test_batch_for_a_level_that_does_not_step_is_refused(parts):
     program.step(lower=X)
     assert program.due("upper")
     assert set(program.step(lower=X, upper=X)) == {"lower", "upper"}
+
+
+def test_hypergrad_without_a_path_is_refused(parts):
+    @mlo.level(**parts())
+    def lower(module):
+        return module(X).pow(2).mean()
+
+    @mlo.level(**parts("aid_cg"))
+    def upper(lower):
+        return lower(X).pow(2).mean()
+
+    with pytest.raises(mlo.GraphError, match=r"level 'upper' declares hypergrad=aid_cg\(.*\), but no "
+                                             r"level whose solution it reads depends on its parameters"):
+        mlo.Program(lower, upper)
+
+
+def test_itd_over_an_unsupported_optimizer_fails_when_the_program_is_built(parts):
+    net = torch.nn.Linear(2, 1)
+
+    @mlo.level(module=net, optimizer=torch.optim.RMSprop(net.parameters()))
+    def lower(module, upper):
+        return (module(X) - upper(X)).pow(2).mean()
+
+    @mlo.level(**parts("itd"))
+    def upper(lower):
+        return lower(X).pow(2).mean()
+
+    with pytest.raises(mlo.OptimizerError, match=r"itd: level 'lower' uses RMSprop"):
+        mlo.Program(lower, upper)
