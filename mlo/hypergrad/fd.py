@@ -74,8 +74,8 @@ def sama(r: float = 0.01, scale: float | None = None) -> Method:
 
     Computes `aid_fd` applied to P v, where P ≈ ∂(update)/∂(gradient) is diagonal: for Adam and
     AdamW P = 1/(√v̂ + eps) from the optimizer's second-moment state (bias-corrected); for SGD, for
-    optimizers without a functional mirror, and before the first step P = I. Cost: as `aid_fd`, whose note on `.detach()` applies too. Use it
-    when the inner level trains with Adam.
+    optimizers without a functional mirror, and before the first step P = I. Cost: as `aid_fd`,
+    whose note on `.detach()` applies too. Use it when the inner level trains with Adam.
 
     >>> import torch
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
