@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["aid_fd", "aid_cg"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lines = [f"# torch.compile of the levels' modules\n",
+    lines = ["# torch.compile of the levels' modules\n",
              f"Command: `python -m benchmarks.compile --steps {args.steps}`; machine: "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread.\n",
              "| method | modules | ms per global step (median) | build + 5 warm-up steps (s) | note |",

@@ -1,6 +1,6 @@
 """mlo: gradient-based multilevel optimization in plain PyTorch."""
 
-from . import checkpoint, hypergrad, linsolve, loggers, optim
+from . import hypergrad, linsolve, loggers, optim
 from .errors import (CheckpointError, GraphError, LevelError, LossError, MloError, NonFiniteError,
                      OptimizerError)
 from .graph import Graph

@@ -42,8 +42,7 @@ def parameters(program):
 
 if __name__ == "__main__":  # python resume_program.py CHECKPOINT STEPS OUT: resume in a new process
     checkpoint, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    program = build()
-    program.load_state_dict(mlo.checkpoint.load(checkpoint))
+    program = mlo.Program.load(checkpoint, *build().levels.values())
     for _ in range(steps):
         program.step()
     torch.save(parameters(program), out)

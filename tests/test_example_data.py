@@ -58,7 +58,7 @@ def test_load_fashion_mnist_falls_back_to_digits(tmp_path, monkeypatch, capsys):
     loaded = data.load_fashion_mnist(str(tmp_path / "missing"))
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1 and "falling back" in out and "missing" in out
-    (x_train, y_train), (x_test, y_test) = loaded["train"], loaded["test"]
+    (x_train, _), (x_test, y_test) = loaded["train"], loaded["test"]
     assert (loaded["name"], loaded["num_features"], loaded["num_classes"]) == ("digits", 64, 10)
     assert x_train.shape == (1297, 64) and x_test.shape == (500, 64)
     assert 0.0 <= float(x_train.min()) and float(x_train.max()) <= 1.0

@@ -13,7 +13,6 @@ import math
 import statistics
 import time
 
-import torch
 
 from .. import harness
 from ..harness import Row

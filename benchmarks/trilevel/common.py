@@ -16,7 +16,6 @@ Each global step: pretrain one SGD step, finetune one SGD step, reweight one Ada
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
