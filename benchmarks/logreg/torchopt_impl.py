@@ -11,6 +11,7 @@ import torch
 import torchopt
 from torch.func import grad
 
+from ..torchopt_common import implicit
 from . import common
 
 UNSUPPORTED = {"aid_fd": "TorchOpt has no finite-difference (DARTS) hypergradient"}
@@ -26,13 +27,7 @@ class Runner:
         if config.method == "itd":
             self.inner_optimizer = torchopt.MetaSGD(self.net, lr=config.inner_lr)
         else:
-            if config.method == "aid_cg":
-                solve = torchopt.linear_solve.solve_cg(maxiter=config.iters, rtol=0.0)
-            else:
-                solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=config.iters,
-                                                        alpha=config.inner_lr)
-            self.solver = torchopt.diff.implicit.custom_root(self.optimality, argnums=1,
-                                                             solve=solve)(self.solve)
+            self.solver = implicit(config, self.optimality, self.solve)
 
     def optimality(self, w, lam, x, y):
         return grad(common.inner_cost, argnums=0)(w, lam, x, y)

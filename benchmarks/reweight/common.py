@@ -79,6 +79,16 @@ def _initial(seed: int, hidden: tuple) -> tuple[dict, dict]:
     return clf, wnet
 
 
+def labelled(g: torch.Generator, teacher: torch.Tensor, n: int, noise: float | None, device: str):
+    """n inputs labelled by a linear teacher; with `noise`, that fraction gets a random label."""
+    x = torch.randn(n, FEATURES, generator=g)
+    y = (x @ teacher).argmax(1)
+    if noise is not None:
+        flip = torch.rand(n, generator=g) < noise
+        y = torch.where(flip, torch.randint(0, CLASSES, (n,), generator=g), y)
+    return x.to(device), y.to(device)
+
+
 @lru_cache(maxsize=4)
 def _data(seed: int, batch: int, train_batches: int, meta_batches: int, noise: float,
           device: str):
@@ -86,12 +96,7 @@ def _data(seed: int, batch: int, train_batches: int, meta_batches: int, noise: f
     teacher = torch.randn(FEATURES, CLASSES, generator=g)
 
     def draw(n, noisy):
-        x = torch.randn(n, FEATURES, generator=g)
-        y = (x @ teacher).argmax(1)
-        if noisy:
-            flip = torch.rand(n, generator=g) < noise
-            y = torch.where(flip, torch.randint(0, CLASSES, (n,), generator=g), y)
-        return x.to(device), y.to(device)
+        return labelled(g, teacher, n, noise if noisy else None, device)
 
     train = [draw(batch, True) for _ in range(train_batches)]
     meta = [draw(batch, False) for _ in range(meta_batches)]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reweight.common import labelled
+
 
 @dataclass(frozen=True)
 class Config:
@@ -76,12 +78,7 @@ def _data(seed: int, batch: int, batches: int, noise: float, device: str):
     target_teacher = source_teacher + 0.5 * torch.randn(FEATURES, CLASSES, generator=g)
 
     def draw(teacher, n, noisy):
-        x = torch.randn(n, FEATURES, generator=g)
-        y = (x @ teacher).argmax(1)
-        if noisy:
-            flip = torch.rand(n, generator=g) < noise
-            y = torch.where(flip, torch.randint(0, CLASSES, (n,), generator=g), y)
-        return x.to(device), y.to(device)
+        return labelled(g, teacher, n, noise if noisy else None, device)
 
     source = [draw(source_teacher, batch, True) for _ in range(batches)]
     target = [draw(target_teacher, batch, False) for _ in range(batches)]
