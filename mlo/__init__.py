@@ -1,14 +1,14 @@
 """mlo: gradient-based multilevel optimization in plain PyTorch."""
 
-from . import hypergrad, linsolve, loggers, optim
+from . import hypergrad, linsolve, loggers, meta, optim
 from .errors import (CheckpointError, GraphError, LevelError, LossError, MloError, NonFiniteError,
                      OptimizerError)
 from .graph import Graph
-from .level import Level, Lower, Upper, level, registry
+from .level import Init, Level, Lower, Upper, level, registry
 from .program import Program
 
 __version__ = "0.1.0"
 
-__all__ = ["level", "Program", "Upper", "Lower", "Level", "Graph", "registry", "hypergrad",
-           "linsolve", "loggers", "optim", "MloError", "LevelError", "GraphError", "LossError",
+__all__ = ["level", "Program", "Upper", "Lower", "Init", "Level", "Graph", "registry", "hypergrad",
+           "linsolve", "loggers", "meta", "optim", "MloError", "LevelError", "GraphError", "LossError",
            "OptimizerError", "NonFiniteError", "CheckpointError"]

@@ -44,12 +44,16 @@ class ChainRule:
                    "dtype": self._precision[name].dtype}
         if self._parallel:
             context["reduce"] = distributed.average
+        start = self._starts.get(name)
+        if start in inputs:  # θ₀ = φ: the window starts from the source's parameters
+            context["init"] = lambda outer: {k: outer[(start, k)] for k in level.named_parameters()}
         if method.name == "itd":
             window = self._windows[(upper, name)]
-            if not window.steps:
+            if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
             inner, losses = window.params, [self._closure(level, b) for b in window.batches]
-            context.update(optimizer=window.optimizers, state=window.state)
+            context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
+                           state=window.state)
         else:
             inner = {k: p.detach() for k, p in level.named_parameters().items()}
             losses = self._closure(level, [self._last_batch.get(name)])
@@ -60,6 +64,17 @@ class ChainRule:
                                state=optimizer.state(level.optimizer, live, copy=False))
         out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
+
+    def _update_rules(self, name: str, inputs, optimizers: list):
+        """Return the recorded update rules, or, where `name`'s optimizer hyperparameters are
+        parameters of a level in `inputs` (a learned learning rate), a function of the outer
+        parameters that reads them from there, so that ITD differentiates through them."""
+        learned = {at: source for at, source in self._learned.get(name, {}).items()
+                   if source[0] in inputs}
+        if not learned:
+            return optimizers
+        return lambda outer: [o.replace({at: outer[source] for at, source in learned.items()})
+                              for o in optimizers]
 
     def _closure(self, level: Level, batches: list):
         """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name)."""

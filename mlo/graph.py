@@ -5,6 +5,8 @@ signature names (with an optional direction annotation) and where it was defined
 the graph derives, by the rules of DESIGN.md §2:
 
 - u2l edges U -> L: U's current parameters enter L's cost;
+- init edges U -> L (`mlo.Init`): L starts each unroll window from U's parameters, θ₀ = φ; a
+  kind of u2l edge (U is above L, and a hypergradient path may start with it);
 - l2u edges L -> U: L's solution enters U's cost;
 - the order of levels (lowest first), and which levels read which solutions;
 - for every level that declares `hypergrad`, its hypergradient paths (paper eq. 2): one u2l edge
@@ -24,13 +26,13 @@ class Node:
 
     name: str
     declares_hypergrad: bool
-    names: tuple[tuple[str, str | None], ...]  # (named level, "upper" | "lower" | None)
+    names: tuple[tuple[str, str | None], ...]  # (named level, "upper" | "lower" | "init" | None)
     location: str = "<unknown>"
 
 
 @dataclass
 class Graph:
-    """The inferred graph: levels lowest first, both edge kinds, hypergradient paths.
+    """The inferred graph: levels lowest first, the edges of each kind, hypergradient paths.
 
     `print(graph)` shows it as text, `graph.to_mermaid()` returns Mermaid source, and in Jupyter it
     renders as SVG when the `graphviz` package is installed, else as a Mermaid block.
@@ -39,7 +41,12 @@ class Graph:
     order: tuple[str, ...]
     u2l: tuple[tuple[str, str], ...]
     l2u: tuple[tuple[str, str], ...]
+    init: tuple[tuple[str, str], ...] = ()  # (upper, lower): lower starts from upper's params
     paths: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+
+    def starts(self, name: str) -> tuple[str, ...]:
+        """Return the levels that start each unroll window from `name`'s parameters."""
+        return tuple(low for up, low in self.init if up == name)
 
     def reads(self, name: str) -> tuple[str, ...]:
         """Return the levels whose solutions enter `name`'s cost (its l2u predecessors)."""
@@ -70,6 +77,9 @@ class Graph:
         lines += [f"    {u} -> {low}" for u, low in self.u2l] or ["    (none)"]
         lines.append("  l2u (lower's solution enters upper's cost):")
         lines += [f"    {low} -> {u}" for low, u in self.l2u] or ["    (none)"]
+        if self.init:
+            lines.append("  init (lower starts each unroll window from upper's parameters):")
+            lines += [f"    {u} -> {low}" for u, low in self.init]
         lines.append("  hypergradient paths:")
         for name, paths in self.paths.items():
             lines += [f"    {name}: {' -> '.join(p)}" for p in paths] or [f"    {name}: (none)"]
@@ -81,10 +91,11 @@ class Graph:
         return "\n".join(lines)
 
     def to_mermaid(self) -> str:
-        """Return the graph as Mermaid flowchart source (solid: l2u, dashed: u2l)."""
+        """Return the graph as Mermaid flowchart source (solid: l2u, dashed: u2l, thick: init)."""
         lines = ["flowchart BT"] + [f'    L_{n}["{n}"]' for n in self.order]  # ids avoid keywords
         lines += [f"    L_{low} -->|solution| L_{u}" for low, u in self.l2u]
         lines += [f"    L_{u} -.->|params| L_{low}" for u, low in self.u2l]
+        lines += [f"    L_{u} ==>|init| L_{low}" for u, low in self.init]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
@@ -111,8 +122,9 @@ class Graph:
 def infer(nodes: list[Node]) -> Graph:
     """Build the `Graph` of a program from its levels, or raise a `GraphError` saying what to fix."""
     by_name = {n.name: n for n in nodes}
-    u2l, l2u = [], []
+    u2l, l2u, init = [], [], []
     for node in nodes:
+        _check_one_init(node)
         for other, annotation in node.names:
             if other not in by_name:
                 raise GraphError(
@@ -124,14 +136,25 @@ def infer(nodes: list[Node]) -> Graph:
                     f"reaches its own parameters through 'module'; rename the parameter to "
                     f"'module'.")
             upper = _upper_of(node, by_name[other], annotation)
-            if upper == other:
+            if annotation == "init":
+                init.append((other, node.name))
+            elif upper == other:
                 u2l.append((other, node.name))
             else:
                 l2u.append((other, node.name))
-    order = _order(nodes, u2l, l2u)
-    graph = Graph(order=order, u2l=tuple(u2l), l2u=tuple(l2u))
-    graph.paths = {n.name: _paths(n.name, u2l, l2u) for n in nodes if n.declares_hypergrad}
+    order = _order(nodes, u2l + init, l2u)
+    graph = Graph(order=order, u2l=tuple(u2l), l2u=tuple(l2u), init=tuple(init))
+    graph.paths = {n.name: _paths(n.name, u2l + init, l2u) for n in nodes if n.declares_hypergrad}
     return graph
+
+
+def _check_one_init(node: Node) -> None:
+    starts = [other for other, annotation in node.names if annotation == "init"]
+    if len(starts) > 1:
+        raise GraphError(
+            f"Program: level '{node.name}' annotates {quoted(starts)} as mlo.Init, but a level "
+            f"starts from one level's parameters.\n  {node.location}\n  Keep mlo.Init on one "
+            f"of them; annotate the others mlo.Upper.")
 
 
 def _upper_of(node: Node, other: Node, annotation: str | None) -> str:
@@ -142,6 +165,7 @@ def _upper_of(node: Node, other: Node, annotation: str | None) -> str:
     sides must agree.
     """
     reverse = dict(other.names).get(node.name)  # how `other` annotates `node`, if it names it
+    annotation, reverse = (_UPPER.get(a, a) for a in (annotation, reverse))  # Init names an upper
     if annotation is not None and reverse is not None and annotation == reverse:
         raise GraphError(
             f"Program: levels '{node.name}' and '{other.name}' each annotate the other as "
@@ -160,6 +184,9 @@ def _upper_of(node: Node, other: Node, annotation: str | None) -> str:
     if other.declares_hypergrad:
         return other.name
     return node.name
+
+
+_UPPER = {"init": "upper"}
 
 
 def _order(nodes, u2l, l2u) -> tuple[str, ...]:

@@ -29,6 +29,16 @@ class Lower:
     """Annotation for a named level that is *below* this one: its solution enters this cost."""
 
 
+class Init:
+    """Annotation for a named upper level whose parameters this level starts each unroll window from.
+
+    `def adapt(batch, module, meta: mlo.Init)` resets `adapt`'s parameters to `meta`'s (θ₀ = φ),
+    and clears `adapt`'s optimizer state, before its first step and before its first step after
+    each step of `meta`; `meta` must read `adapt`'s solution. See `mlo.meta` for MAML, FOMAML,
+    iMAML, Reptile and Meta-SGD written with it.
+    """
+
+
 @dataclass(frozen=True)
 class Options:
     """The per-level settings of `@mlo.level`, validated once at decoration time."""
@@ -40,6 +50,7 @@ class Options:
     fp16: bool = False
     bf16: bool = False
     scheduler: Any = None
+    tasks: int = 1
 
 
 class Level:
@@ -93,13 +104,15 @@ class Level:
 
 def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
           bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
-          warmup: int = 0, name: str | None = None):
+          warmup: int = 0, tasks: int = 1, name: str | None = None):
     """Declare a level of a multilevel program; its signature names the levels it depends on.
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
     batch), `module` (this level's module, run with its current parameters) and the names of other
     levels, each received as a handle that runs that level's module as this level must see it.
     The level is recorded in `mlo.registry` under its name, replacing any earlier level of that name.
+    `tasks=T` makes one optimizer step of this level average T windows of the levels it reads (a
+    meta-batch of T tasks, see `mlo.meta`).
 
     Example::
 
@@ -110,7 +123,7 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
             return (weighting(loss.detach()[:, None]).squeeze(1) * loss).mean()
     """
     options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
-                      fp16=fp16, bf16=bf16, scheduler=scheduler)
+                      fp16=fp16, bf16=bf16, scheduler=scheduler, tasks=tasks)
 
     def decorate(fn: Callable) -> Level:
         if isinstance(fn, Level) or not callable(fn):
@@ -146,7 +159,7 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     if data is not None and not hasattr(data, "__iter__"):
         raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
                          f"None, got {type(data).__name__}.")
-    for key in ("unroll", "grad_accum"):
+    for key in ("unroll", "grad_accum", "tasks"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
     if options.clip_grad is not None and (isinstance(options.clip_grad, bool) or not (
@@ -221,8 +234,10 @@ def _direction(annotation, name: str, parameter: str) -> str | None:
         return "upper"
     if annotation is Lower or text.split(".")[-1] == "Lower":
         return "lower"
+    if annotation is Init or text.split(".")[-1] == "Init":
+        return "init"
     raise LevelError(f"@level '{name}': parameter '{parameter}' has annotation {annotation!r}; "
-                     f"only mlo.Upper or mlo.Lower may annotate a level parameter.")
+                     f"only mlo.Upper or mlo.Lower or mlo.Init may annotate a level parameter.")
 
 
 class Registry:

@@ -43,8 +43,22 @@ class FunctionalOptimizer:
             if group.get("amsgrad"):
                 raise OptimizerError(f"itd: level '{level}' uses {kind}(amsgrad=True), which has "
                                      f"no functional mirror; set amsgrad=False.")
-            hyper[name] = {k: v for k, v in group.items() if k != "params"}
+            # a tensor hyperparameter (a learned learning rate) is snapshotted: its owner may step
+            hyper[name] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                           for k, v in group.items() if k != "params"}
         return cls(kind, hyper, clip_grad)
+
+    def replace(self, values: dict[tuple[str, str], torch.Tensor]) -> "FunctionalOptimizer":
+        """Return this update rule with hyperparameters replaced, keyed (parameter, name).
+
+        >>> rule = sgd({"w": torch.zeros(1)}, lr=0.1).replace({("w", "lr"): torch.tensor(0.5)})
+        >>> rule.hyper["w"]["lr"]
+        tensor(0.5000)
+        """
+        hyper = {name: dict(group) for name, group in self.hyper.items()}
+        for (name, key), value in values.items():
+            hyper[name][key] = value
+        return FunctionalOptimizer(self.kind, hyper, self.clip_grad)
 
     def state(self, optimizer: torch.optim.Optimizer, named_params: Params,
               copy: bool = True) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, meta
 from .chain import ChainRule
 from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
@@ -47,7 +47,8 @@ class Program(Runner, ChainRule):
         self.history: dict[str, list[dict]] = {n: [] for n in self.levels}
         self._seen = {n: {low: 0 for low in self.graph.reads(n)} for n in self.levels}
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
-                       if lv.method is not None and lv.method.name != "first_order"}
+                       if lv.method is not None and (lv.method.name != "first_order"
+                                                     or self.graph.starts(n))}
         for name, edges in self._edges.items():
             if not edges:
                 raise GraphError(
@@ -56,6 +57,11 @@ class Program(Runner, ChainRule):
                     f"hypergradient would always be zero.\n  {self.levels[name].location}\n  Name "
                     f"'{name}' in the signature of the level it should steer, or use "
                     f"hypergrad='first_order' (direct gradient only).")
+        self._starts = meta.check_starts(self.levels, self.graph)  # {lower: upper it starts from}
+        self._learned = meta.learned_hyperparameters(self.levels, self.graph)
+        meta.check_tasks(self.levels, self.graph, self._edges)
+        self._meta_batches = {n: meta.MetaBatch(lv.options.tasks) for n, lv in self.levels.items()
+                              if lv.options.tasks > 1}
         self._precision = {n: Precision(lv.options.fp16, lv.options.bf16, _device_type(lv))
                            for n, lv in self.levels.items()}
         self._last_batch: dict[str, object] = {}
@@ -94,7 +100,9 @@ class Program(Runner, ChainRule):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                losses[name] = self._step_level(self.levels[name], batches.get(name))
+                loss = self._step_level(self.levels[name], batches.get(name))
+                if loss is not None:  # None: a task of a meta-batch, not yet a step
+                    losses[name] = loss
         self.global_step += 1
         return losses
 
@@ -113,12 +121,16 @@ class Program(Runner, ChainRule):
                    and self.steps[low] >= self.levels[low].options.warmup
                    for low, seen in self._seen[name].items())
 
-    def _step_level(self, level: Level, batch) -> float:
+    def _step_level(self, level: Level, batch) -> float | None:
         name, options = level.name, level.options
         precision = self._precision[name]
+        if name in self._starts and self._seen[self._starts[name]][name] == self.steps[name]:
+            self._reset(level)  # no step since the upper level's last: a new window starts
         if self.steps[name] < options.warmup:
             self._slide_windows(level)
-        _clear_grads(level)
+        meta_batch = self._meta_batches.get(name)
+        if meta_batch is None or not meta_batch.done:
+            _clear_grads(level)
         micro_batches, losses, finite = [], [], True
         for i in range(options.grad_accum):
             micro = batch if i == 0 and batch is not None else self._next_batch(level)
@@ -127,6 +139,11 @@ class Program(Runner, ChainRule):
             losses.append((loss, metrics))
             finite &= ok
         self._last_batch[name] = micro_batches[-1]
+        if meta_batch is not None:
+            if not meta_batch.add(micro_batches, losses, finite):
+                self._close_windows(name)
+                return None
+            micro_batches, losses, finite = meta_batch.take()
         if finite if not self._parallel else distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
@@ -151,14 +168,25 @@ class Program(Runner, ChainRule):
         for (upper, lower), window in self._windows.items():
             if lower == name:
                 window.record(level, micro_batches)
-        if name in self._seen and self._seen[name]:
-            self._seen[name] = {low: self.steps[low] for low in self._seen[name]}
-        if name in self._edges:
-            self._restart_windows(name)
+        self._close_windows(name)
         entry = {"step": self.global_step + 1, "loss": sum(l for l, _ in losses) / len(losses)}
         for _, metrics in losses[-1:]:
             entry.update(metrics)
         self.history[name].append(entry)
+
+    def _close_windows(self, name: str) -> None:
+        """Start new windows of the levels `name` reads: count their steps from here."""
+        if name in self._seen and self._seen[name]:
+            self._seen[name] = {low: self.steps[low] for low in self._seen[name]}
+        if name in self._edges:
+            self._restart_windows(name)
+
+    def _reset(self, level: Level) -> None:
+        """Start `level` from its Init level's parameters; every recorded window restarts there."""
+        meta.reset(level, self.levels[self._starts[level.name]])
+        for upper, lower in self._windows:
+            if lower == level.name:
+                self._windows[(upper, lower)] = Window.start(level)
 
     def _slide_windows(self, level: Level) -> None:
         """During warmup keep at most `unroll` recorded steps: no upper level can step yet, so
@@ -235,8 +263,8 @@ class Program(Runner, ChainRule):
         if not self._finite(level, value, "loss"):
             return value, metrics, False
         scaled = precision.scale_loss(loss)
-        if level.options.grad_accum > 1:
-            scaled = scaled / level.options.grad_accum
+        if level.options.grad_accum * level.options.tasks > 1:
+            scaled = scaled / (level.options.grad_accum * level.options.tasks)
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
@@ -280,11 +308,16 @@ class Program(Runner, ChainRule):
     def state_dict(self) -> dict:
         """Return everything a resumed run needs: modules, optimizers, schedulers, loss scalers,
         counters (inside an unroll window too), recorded unrolls, RNG states and data positions."""
-        return checkpoint.program_state(self)
+        state = checkpoint.program_state(self)
+        state["meta_batches"] = {n: b.state_dict(self.levels[n])
+                                 for n, b in self._meta_batches.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` into this program, built from the same levels."""
         checkpoint.load_program_state(self, state)
+        for name, entry in state.get("meta_batches", {}).items():
+            self._meta_batches[name].load_state_dict(entry, self.levels[name])
 
     def save(self, path) -> None:
         """Write `state_dict()` to `path` (a torch file that loads with weights_only=True)."""
