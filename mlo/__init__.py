@@ -10,5 +10,5 @@ from .program import Program
 __version__ = "0.1.0"
 
 __all__ = ["level", "Program", "Upper", "Lower", "Init", "Level", "Graph", "registry", "hypergrad",
-           "linsolve", "loggers", "meta", "optim", "MloError", "LevelError", "GraphError", "LossError",
-           "OptimizerError", "NonFiniteError", "CheckpointError"]
+           "linsolve", "loggers", "meta", "optim", "MloError", "LevelError", "GraphError",
+           "LossError", "OptimizerError", "NonFiniteError", "CheckpointError"]

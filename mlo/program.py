@@ -49,6 +49,8 @@ class Program(Runner, ChainRule):
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
                        if lv.method is not None and (lv.method.name != "first_order"
                                                      or self.graph.starts(n))}
+        self._starts = meta.check_starts(self.levels, self.graph)  # {lower: upper it starts from}
+        self._learned = meta.learned_hyperparameters(self.levels, self.graph)
         for name, edges in self._edges.items():
             if not edges:
                 raise GraphError(
@@ -57,8 +59,6 @@ class Program(Runner, ChainRule):
                     f"hypergradient would always be zero.\n  {self.levels[name].location}\n  Name "
                     f"'{name}' in the signature of the level it should steer, or use "
                     f"hypergrad='first_order' (direct gradient only).")
-        self._starts = meta.check_starts(self.levels, self.graph)  # {lower: upper it starts from}
-        self._learned = meta.learned_hyperparameters(self.levels, self.graph)
         meta.check_tasks(self.levels, self.graph, self._edges)
         self._meta_batches = {n: meta.MetaBatch(lv.options.tasks) for n, lv in self.levels.items()
                               if lv.options.tasks > 1}

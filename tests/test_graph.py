@@ -111,10 +111,11 @@ def test_both_declare_hypergrad_without_annotation():
         infer([node("a", True, "b"), node("b", True)])
 
 
-def test_conflicting_annotations():
+@pytest.mark.parametrize("a_names_b", ["upper", "init"])  # mlo.Init also names an upper level
+def test_conflicting_annotations(a_names_b):
     with pytest.raises(mlo.GraphError, match=r"levels 'a' and 'b' each annotate the other as "
                        r"mlo\.Upper"):
-        infer([node("a", False, b="upper"), node("b", False, a="upper")])
+        infer([node("a", False, b=a_names_b), node("b", False, a="upper")])
 
 
 def test_cycle_of_l2u_edges_names_its_levels_in_solution_order():
@@ -269,3 +270,41 @@ def test_jupyter_renders_svg_with_graphviz(monkeypatch):
     monkeypatch.setitem(sys.modules, "graphviz", types.SimpleNamespace(Digraph=Digraph))
     assert domain_adaptation()._repr_svg_() == "<svg/>"
     assert ("reweight", "pretrain", "dashed") in edges and ("pretrain", "finetune", None) in edges
+
+
+# -- init edges (mlo.Init) -------------------------------------------------------------------------
+
+def maml_graph():
+    return infer([node("adapt", False, meta="init"), node("meta", True, "adapt")])
+
+
+def test_init_edge_is_its_own_kind_and_starts_a_hypergradient_path():
+    graph = maml_graph()
+    assert graph.init == (("meta", "adapt"),) and graph.u2l == ()
+    assert graph.l2u == (("adapt", "meta"),)
+    assert graph.order == ("adapt", "meta") and graph.starts("meta") == ("adapt",)
+    assert paths(graph, "meta") == {("meta", "adapt", "meta")}
+    assert graph.best_response_edges("meta") == {"adapt": ("meta",)}
+
+
+def test_init_settles_a_pair_that_both_declare_hypergrad():
+    graph = infer([node("adapt", True, meta="init"), node("meta", True, "adapt")])
+    assert graph.init == (("meta", "adapt"),) and graph.l2u == (("adapt", "meta"),)
+
+
+def test_two_init_annotations_on_one_level():
+    with pytest.raises(mlo.GraphError, match=r"level 'adapt' annotates 'a', 'b' as mlo\.Init, but "
+                                             r"a level starts from one level's parameters"):
+        infer([node("adapt", False, a="init", b="init"), node("a", True, "adapt"),
+               node("b", True, "adapt")])
+
+
+def test_print_and_mermaid_show_init_edges():
+    graph = maml_graph()
+    text = str(graph)
+    init = text.split("init (lower starts each unroll window from upper's parameters):")[1]
+    assert init.splitlines()[1].strip() == "meta -> adapt"
+    assert "init (" not in str(domain_adaptation())  # no empty section where there is none
+    lines = [line.strip() for line in graph.to_mermaid().splitlines()]
+    assert "L_meta ==>|init| L_adapt" in lines and "L_adapt -->|solution| L_meta" in lines
+    assert not any("-.->" in line for line in lines)

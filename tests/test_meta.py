@@ -28,7 +28,8 @@ def make_tasks(n, seed=1):
     g = torch.Generator().manual_seed(seed)
     tasks = []
     for _ in range(n):
-        amplitude, phase = 0.5 + 2 * torch.rand(1, generator=g, dtype=D), torch.rand(1, generator=g, dtype=D)
+        amplitude = 0.5 + 2 * torch.rand(1, generator=g, dtype=D)
+        phase = torch.rand(1, generator=g, dtype=D)
         points = [4 * torch.rand(6, 1, generator=g, dtype=D) - 2 for _ in range(2)]
         tasks.append(tuple((x, amplitude * torch.sin(x + phase)) for x in points))
     return tasks
@@ -225,3 +226,242 @@ def test_meta_sgd_learns_one_rate_per_parameter_tensor():
     for rate, key in zip(rates, names):
         assert torch.allclose(rate.detach(), alpha[key], atol=1e-8, rtol=0)
     assert not torch.allclose(rates[0].detach(), torch.tensor(ALPHA, dtype=D), atol=1e-4)
+
+
+def test_itd_differentiates_the_start_and_a_proximal_term_that_reads_it():
+    prox, tasks = 0.7, make_tasks(2)
+    program, meta_net = maml_program(tasks, 2, "itd", prox=prox)
+    run(program, tasks)
+    model = net()
+    phi = {k: p.detach().clone() for k, p in model.named_parameters()}
+    leaf = {k: t.clone().requires_grad_() for k, t in phi.items()}
+    total = {k: torch.zeros_like(t) for k, t in phi.items()}
+    for support, query in tasks:
+        theta = adapt_by_hand(model, {k: t.view_as(t) for k, t in leaf.items()}, support,
+                              {k: ALPHA for k in phi}, True, prox, leaf)
+        grads = torch.autograd.grad(mse(model, theta, query), list(leaf.values()))
+        total = {k: total[k] + g / 2 for k, g in zip(phi, grads)}
+    assert_params_close(meta_net, {k: phi[k] - BETA * total[k] for k in phi})
+
+
+def test_three_levels_with_an_init_edge():
+    """top (λ, itd) learns through meta's solution; meta (φ, MAML) has the penalty λ/2‖φ‖²."""
+    tasks, gamma = make_tasks(3), 0.2
+    learner, meta_net = net(), net()
+    lam = nn.Parameter(torch.tensor(0.1, dtype=D))
+    check = make_tasks(3, seed=9)
+
+    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=ALPHA),
+               data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+    def adapt(batch, module, meta: mlo.Init):
+        return mse_of(module, batch)
+
+    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+               data=[q for _, q in tasks], hypergrad="itd")
+    def meta(batch, module, adapt, top: mlo.Upper):
+        return mse_of(adapt, batch) + 0.5 * top() * sum((p ** 2).sum() for p in
+                                                      module.params.values())
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=gamma), hypergrad="itd",
+               data=[q for _, q in check])
+    def top(batch, meta):
+        return mse_of(meta, batch)
+
+    program = mlo.Program(adapt, meta, top)
+    assert program.graph.order == ("adapt", "meta", "top")
+    run(program, tasks)
+    assert program.steps == {"adapt": 3 * K, "meta": 3, "top": 3}
+
+    model, lam_ref = net(), torch.tensor(0.1, dtype=D)
+    phi = {k: p.detach().clone() for k, p in model.named_parameters()}
+    for (support, query), (_, val) in zip(tasks, check):
+        leaf = {k: t.clone().requires_grad_() for k, t in phi.items()}
+        theta = adapt_by_hand(model, leaf, support, {k: ALPHA for k in phi}, True)
+        maml = torch.autograd.grad(mse(model, theta, query), list(leaf.values()))
+        new_phi = {k: phi[k] - BETA * (g + lam_ref * phi[k]) for k, g in zip(phi, maml)}
+        # top's ITD replays meta's step with adapt's solution held fixed: dφ₁/dλ = −β φ₀
+        val_grad = torch.autograd.grad(mse(model, {k: t.requires_grad_() for k, t in
+                                                   new_phi.items()}, val), list(new_phi.values()))
+        lam_ref = lam_ref - gamma * sum((-BETA * phi[k] * g).sum() for k, g in zip(phi, val_grad))
+        phi = {k: t.detach() for k, t in new_phi.items()}
+    assert_params_close(meta_net, phi)
+    assert torch.allclose(lam.detach(), lam_ref, atol=1e-8, rtol=0)
+    assert not torch.allclose(lam_ref, torch.tensor(0.1, dtype=D), atol=1e-5)
+
+
+@pytest.mark.parametrize("stop", [2, 4, 7])  # first window; second task of a meta-batch; next one
+def test_resume_inside_a_window_and_a_meta_batch_continues_exactly(stop):
+    tasks = make_tasks(4)
+    reference, expected = maml_program(tasks, 2, "itd")
+    run(reference, tasks)
+    mlo.registry.clear()
+    program, _ = maml_program(tasks, 2, "itd")
+    for _ in range(stop):
+        program.step()
+    state = program.state_dict()
+    mlo.registry.clear()
+    resumed, meta_net = maml_program(tasks, 2, "itd")
+    resumed.load_state_dict(state)
+    for _ in range(len(tasks) * K - stop):
+        resumed.step()
+    for (key, p), q in zip(meta_net.named_parameters(), expected.parameters()):
+        assert torch.equal(p, q), key
+    assert resumed.history == reference.history
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def pair(learner, meta_module, warmup=0, meta_names_adapt=True, tasks=1):
+    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=0.1),
+               warmup=warmup)
+    def adapt(module, meta: "mlo.Init"):
+        return module[0].weight.sum() if isinstance(module.level.module, nn.Sequential) else 0
+
+    if meta_names_adapt:
+        @mlo.level(module=meta_module, optimizer=torch.optim.SGD(meta_module.parameters(), lr=0.1),
+                   hypergrad="itd", tasks=tasks)
+        def meta(adapt):
+            return adapt.params["0.weight"].sum()
+    else:
+        @mlo.level(module=meta_module, optimizer=torch.optim.SGD(meta_module.parameters(), lr=0.1))
+        def meta(module):
+            return module.params["0.weight"].sum()
+    return adapt, meta
+
+
+def test_init_annotation_is_parsed_from_the_signature():
+    adapt, _ = pair(net(), net())
+    assert adapt.names == (("meta", "init"),)
+
+
+def test_init_with_a_different_shape_names_the_parameter():
+    wide = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(D)
+    with pytest.raises(mlo.GraphError, match=r"Program: level 'adapt' starts from 'meta' "
+                       r"\(mlo\.Init\), but their parameters differ: parameter '0\.weight' has "
+                       r"shape \(5, 1\) in 'adapt' and \(6, 1\) in 'meta'(?s:.*)copy\.deepcopy"):
+        mlo.Program(*pair(net(), wide))
+
+
+def test_init_with_other_parameter_names_names_the_first_missing_one():
+    longer = nn.Sequential(*net(), nn.Linear(1, 1).to(D))
+    with pytest.raises(mlo.GraphError, match=r"parameters differ: 'meta' has parameter "
+                                             r"'3\.weight', 'adapt' has none of that name"):
+        mlo.Program(*pair(net(), longer))
+    mlo.registry.clear()
+    with pytest.raises(mlo.GraphError, match=r"parameters differ: 'adapt' has parameter "
+                                             r"'3\.weight', 'meta' has none of that name"):
+        mlo.Program(*pair(longer, net()))
+
+
+def test_init_level_must_read_the_lower_solution():
+    with pytest.raises(mlo.GraphError, match=r"'meta' does not read 'adapt''s solution, so 'adapt' "
+                                             r"has no unroll window to start"):
+        mlo.Program(*pair(net(), net(), meta_names_adapt=False))
+
+
+def test_warmup_on_a_level_that_starts_from_another_is_refused():
+    with pytest.raises(mlo.GraphError, match=r"level 'adapt' starts each unroll window from 'meta' "
+                                             r"\(mlo\.Init\), so it cannot take warmup=2 steps"):
+        mlo.Program(*pair(net(), net(), warmup=2))
+
+
+def test_tasks_must_be_a_positive_integer():
+    with pytest.raises(mlo.LevelError, match=r"@level 'meta': tasks must be an integer >= 1, "
+                                             r"got 0"):
+        pair(net(), net(), tasks=0)
+
+
+def test_tasks_on_a_level_that_reads_no_solution():
+    w = nn.Parameter(torch.zeros(2, dtype=D))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), tasks=3)
+    def alone(module):
+        return (module() ** 2).sum()
+
+    with pytest.raises(mlo.GraphError, match=r"level 'alone' has tasks=3, but it reads no level's "
+                                             r"solution(?s:.*)grad_accum=3"):
+        mlo.Program(alone)
+
+
+def test_itd_above_a_meta_batched_level_is_refused():
+    learner, meta_net, lam = net(), net(), nn.Parameter(torch.zeros((), dtype=D))
+
+    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=0.1))
+    def adapt(module, meta: mlo.Init):
+        return module.params["0.weight"].sum()
+
+    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.1),
+               hypergrad="itd", tasks=2)
+    def meta(adapt, top: mlo.Upper):
+        return adapt.params["0.weight"].sum() * top()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="itd")
+    def top(meta):
+        return meta.params["0.weight"].sum()
+
+    with pytest.raises(mlo.GraphError, match=r"level 'top' \(itd\) replays the steps of 'meta', "
+                                             r"which has tasks=2"):
+        mlo.Program(adapt, meta, top)
+
+
+def learned_rate_program(rate_hypergrad="itd", named=True):
+    learner, rate = net(), nn.Parameter(torch.tensor(0.1, dtype=D))
+    optimizer = torch.optim.SGD(learner.parameters(), lr=rate)
+    if named:
+        @mlo.level(module=learner, optimizer=optimizer)
+        def adapt(module, inner_lr):
+            return module.params["0.weight"].sum()
+    else:
+        @mlo.level(module=learner, optimizer=optimizer)
+        def adapt(module):
+            return module.params["0.weight"].sum()
+
+    @mlo.level(module=rate, optimizer=torch.optim.SGD([rate], lr=0.1), hypergrad=rate_hypergrad)
+    def inner_lr(adapt):
+        return adapt.params["0.weight"].sum()
+
+    return mlo.Program(adapt, inner_lr)
+
+
+def test_learned_rate_of_a_level_not_named_is_refused():
+    with pytest.raises(mlo.GraphError, match=r"level 'adapt''s optimizer has lr= parameter 'param' "
+                                             r"of level 'inner_lr', but 'inner_lr' is not an upper "
+                                             r"level named by 'adapt'"):
+        learned_rate_program(named=False)
+
+
+def test_learned_rate_needs_itd():
+    with pytest.raises(mlo.GraphError, match=r"level 'inner_lr', which declares "
+                                             r"hypergrad=aid_cg\(.*only itd differentiates"):
+        learned_rate_program(rate_hypergrad="aid_cg")
+
+
+def test_learned_rate_is_recorded_by_value():
+    rate = nn.Parameter(torch.tensor(0.1, dtype=D))
+    learner = net()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=rate)
+    rule = mlo.optim.FunctionalOptimizer.from_optimizer(optimizer, dict(learner.named_parameters()))
+    with torch.no_grad():
+        rate.fill_(5.0)  # the owner steps later: the record keeps the value the step used
+    assert float(rule.hyper["0.weight"]["lr"]) == pytest.approx(0.1)
+
+
+def test_reset_clears_the_optimizer_state():
+    tasks = make_tasks(2)
+    learner, meta_net = net(), net()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=ALPHA, momentum=0.9)
+
+    @mlo.level(module=learner, optimizer=optimizer, data=[s for s, _ in tasks], unroll=1)
+    def adapt(batch, module, meta: mlo.Init):
+        return mse_of(module, batch)
+
+    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+               data=[q for _, q in tasks], hypergrad="itd")
+    def meta(batch, adapt):
+        return mse_of(adapt, batch)
+
+    program = mlo.Program(adapt, meta)
+    program.step()
+    program.step()  # the second window: reset to φ, fresh momentum
+    for p in learner.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)

@@ -61,7 +61,8 @@ def itd(steps: int = 1, first_order: bool = False) -> Method:
         return {k: torch.zeros_like(t) if g is None else g
                 for (k, t), g in zip(outer.items(), grads)}
 
-    return Method("itd", method, (("steps", steps), ("first_order", first_order)))
+    options = (("steps", steps),) + ((("first_order", True),) if first_order else ())
+    return Method("itd", method, options)
 
 
 def _unrolled_step(f, update: FunctionalOptimizer, params, outer, opt_state, second_order):
