@@ -23,7 +23,7 @@ import torch
 
 from . import harness, report
 
-PROGRAMS = ("reweight", "logreg", "trilevel", "scaling")
+PROGRAMS = ("reweight", "logreg", "trilevel", "scaling", "metalearn")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,42 @@
+"""MAML in TorchOpt 0.7.3: `torchopt.MetaSGD` steps the network in place differentiably; per
+task the state is extracted before the 5 steps and recovered after the query backward."""
+
+from __future__ import annotations
+
+import torch
+import torchopt
+
+from . import common
+
+UNSUPPORTED: dict[str, str] = {}
+
+
+class Runner:
+    def __init__(self, config: common.Config):
+        self.config, self.tasks, self.next = config, common.tasks(config), 0
+        self.net = common.model(config)
+        self.inner_optimizer = torchopt.MetaSGD(self.net, lr=config.inner_lr)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.outer_lr)
+
+    def step(self):
+        config, net = self.config, self.net
+        batch = self.tasks[self.next * config.tasks:(self.next + 1) * config.tasks]
+        self.next = (self.next + 1) % config.batches
+        self.optimizer.zero_grad()
+        start = torchopt.extract_state_dict(net)
+        for (xs, ys), (xq, yq) in batch:
+            for _ in range(config.inner_steps):
+                self.inner_optimizer.step(common.mse(net(xs), ys))
+            (common.mse(net(xq), yq) / config.tasks).backward()
+            torchopt.recover_state_dict(net, start)
+        self.optimizer.step()
+
+    def loss(self) -> float:
+        return common.evaluate(self.config, self.net)
+
+    def outer_params(self):
+        return list(self.net.parameters())
+
+
+def make(config: common.Config) -> Runner:
+    return Runner(config)

@@ -1,0 +1,184 @@
+"""Few-shot sinusoid regression: MAML, FOMAML, Meta-SGD, iMAML and Reptile as mlo programs.
+
+The classic meta-learning benchmark: each task is y = A sin(x + b) with amplitude A ~ U[0.1, 5]
+and phase b ~ U[0, π], x ~ U[-5, 5]; a task gives 10 support and 10 query points. The learner is
+an MLP 1-40-40-1 (ReLU) adapted by 5 SGD steps (lr 0.01) on the support points, starting from the
+meta-parameters φ (`mlo.Init`); the meta level is trained with Adam on the query loss of the
+adapted learner, over meta-batches of `--tasks` tasks (`tasks=T`). Methods:
+
+    MAML      hypergrad="itd": through the 5 steps and θ₀ = φ (second order)
+    FOMAML    hypergrad="first_order": the query gradient at θ_5 moves φ
+    Meta-SGD  MAML plus a level of learned inner learning rates, one per parameter tensor
+    iMAML     the inner cost adds λ/2‖θ − φ‖² (λ = 1); hypergrad=aid_cg(iters=5)
+    Reptile   no hypergradient: φ moves towards the adapted θ_5 (outer lr 0.1, plain SGD)
+    pretrain  one network trained by Adam on the query points of all training tasks, then
+              adapted like the others (no meta-learning)
+
+Reported: mean squared error on 200 held-out tasks after 5 adaptation steps (mean ± std over
+seeds), and the time per meta step.
+
+    PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 10 minutes on 2 cores
+    PYTHONPATH=. python examples/maml_sinusoid.py --quick    # seconds (CI)
+"""
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import mlo
+
+INNER_LR, INNER_STEPS, SHOTS = 0.01, 5, 10
+
+
+def make_tasks(n, generator):
+    """Return n tasks ((x_support, y_support), (x_query, y_query)), each 10 + 10 points."""
+    amplitude = 0.1 + 4.9 * torch.rand(n, 1, 1, generator=generator)
+    phase = math.pi * torch.rand(n, 1, 1, generator=generator)
+    x = 10 * torch.rand(n, 2 * SHOTS, 1, generator=generator) - 5
+    y = amplitude * torch.sin(x + phase)
+    return [((x[i, :SHOTS], y[i, :SHOTS]), (x[i, SHOTS:], y[i, SHOTS:])) for i in range(n)]
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                         nn.Linear(40, 1))
+
+
+def mse(handle, batch):
+    x, y = batch
+    return F.mse_loss(handle(x), y)
+
+
+def meta_train(method, tasks, args, seed):
+    """Train φ by `method` on `tasks`; return φ's module and the learned rates (or None)."""
+    torch.manual_seed(seed)
+    meta_net = mlp()
+    learner = copy.deepcopy(meta_net)
+    support = [s for s, _ in tasks for _ in range(INNER_STEPS)]  # 5 steps on each support set
+    queries = [q for _, q in tasks]
+    rates = nn.ParameterList(nn.Parameter(torch.tensor(INNER_LR)) for _ in learner.parameters())
+    inner_lr = rates if method == "Meta-SGD" else [INNER_LR] * len(rates)
+    optimizer = torch.optim.SGD([{"params": [p], "lr": r}
+                                 for p, r in zip(learner.parameters(), inner_lr)])
+    prox = 1.0 if method == "iMAML" else 0.0
+
+    def adapt(batch, module, meta: mlo.Init):
+        loss = mse(module, batch)
+        if prox:  # iMAML: stay near the start; its implicit gradient is the meta-gradient
+            loss = loss + 0.5 * prox * sum(((p - q) ** 2).sum() for p, q in
+                                           zip(module.params.values(), meta.params.values()))
+        return loss
+
+    if method == "Meta-SGD":
+        def adapt(batch, module, meta: mlo.Init, rates):  # noqa: F811 (rates: an upper level)
+            return mse(module, batch)
+
+    adapt = mlo.level(module=learner, optimizer=optimizer, data=support,
+                      unroll=INNER_STEPS)(adapt)
+    hypergrad = {"MAML": "itd", "Meta-SGD": "itd", "FOMAML": "first_order",
+                 "iMAML": mlo.hypergrad.aid_cg(iters=5), "Reptile": None}[method]
+    if method == "Reptile":
+        outer = torch.optim.SGD(meta_net.parameters(), lr=0.1)
+
+        def meta(module, adapt):  # gradient φ − θ_5: SGD moves φ towards θ_5
+            return sum(0.5 * ((p - q.detach()) ** 2).sum()
+                       for p, q in zip(module.params.values(), adapt.params.values()))
+    else:
+        outer = torch.optim.Adam(meta_net.parameters(), lr=args.outer_lr)
+
+        def meta(batch, adapt):
+            return mse(adapt, batch)
+
+    meta = mlo.level(module=meta_net, optimizer=outer, data=queries, hypergrad=hypergrad,
+                     tasks=args.tasks)(meta)
+    levels = [adapt, meta]
+    if method == "Meta-SGD":
+        def rates_level(batch, adapt):
+            return mse(adapt, batch)
+        levels.append(mlo.level(module=rates, optimizer=torch.optim.Adam(rates.parameters(),
+                                                                         lr=args.outer_lr),
+                                data=queries, hypergrad="itd", tasks=args.tasks,
+                                name="rates")(rates_level))
+    program = mlo.Program(*levels)
+    start = time.perf_counter()
+    program.run(len(support), progress=False)
+    seconds = (time.perf_counter() - start) / args.meta_steps
+    return meta_net, (list(rates) if method == "Meta-SGD" else None), seconds
+
+
+def pretrain(tasks, args, seed):
+    """The baseline: one network fit to every training task's query points at once."""
+    torch.manual_seed(seed)
+    net = mlp()
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.outer_lr)
+    start = time.perf_counter()
+    for i in range(0, len(tasks), args.tasks):
+        x = torch.cat([q[0] for _, q in tasks[i:i + args.tasks]])
+        y = torch.cat([q[1] for _, q in tasks[i:i + args.tasks]])
+        optimizer.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        optimizer.step()
+    return net, None, (time.perf_counter() - start) / args.meta_steps
+
+
+def evaluate(net, rates, test_tasks):
+    """Mean query MSE of the test tasks after 5 SGD steps from φ on each task's support set."""
+    start = {k: p.detach() for k, p in net.named_parameters()}
+    lrs = [float(r.detach()) for r in rates] if rates is not None else [INNER_LR] * len(start)
+    errors = []
+    for (xs, ys), (xq, yq) in test_tasks:
+        theta = {k: t.clone().requires_grad_() for k, t in start.items()}
+        for _ in range(INNER_STEPS):
+            loss = F.mse_loss(functional_call(net, theta, (xs,)), ys)
+            grads = torch.autograd.grad(loss, list(theta.values()))
+            theta = {k: (t - lr * g).detach().requires_grad_()
+                     for (k, t), g, lr in zip(theta.items(), grads, lrs)}
+        with torch.no_grad():
+            errors.append(float(F.mse_loss(functional_call(net, theta, (xq,)), yq)))
+    return sum(errors) / len(errors)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seconds, for CI")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--meta-steps", type=int, default=1000)
+    parser.add_argument("--tasks", type=int, default=10, help="tasks per meta-batch")
+    parser.add_argument("--outer-lr", type=float, default=1e-3)
+    parser.add_argument("--test-tasks", type=int, default=200)
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.meta_steps, args.tasks, args.test_tasks = 1, 3, 4, 20
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add contention
+
+    methods = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "Reptile", "pretrain"]
+    results = {m: [] for m in methods}
+    for seed in range(args.seeds):
+        generator = torch.Generator().manual_seed(seed)
+        tasks = make_tasks(args.meta_steps * args.tasks, generator)
+        test_tasks = make_tasks(args.test_tasks, torch.Generator().manual_seed(10_000 + seed))
+        for method in methods:
+            mlo.registry.clear()
+            train = pretrain if method == "pretrain" else lambda *a: meta_train(method, *a)
+            net, rates, seconds = train(tasks, args, seed)
+            results[method].append((evaluate(net, rates, test_tasks), seconds))
+            print(f"seed {seed} {method}: test MSE {results[method][-1][0]:.3f}", flush=True)
+
+    print(f"\n{args.meta_steps} meta steps of {args.tasks} tasks, {args.seeds} seed(s); test MSE "
+          f"after {INNER_STEPS} steps on {SHOTS} points\n")
+    print("| method | test MSE | ms / meta step |\n|---|---|---|")
+    for method, runs in results.items():
+        errors = torch.tensor([e for e, _ in runs])
+        spread = float(errors.std()) if len(errors) > 1 else 0.0
+        ms = 1000 * sum(s for _, s in runs) / len(runs)
+        print(f"| {method} | {errors.mean():.3f} ± {spread:.3f} | {ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
