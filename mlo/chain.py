@@ -49,6 +49,8 @@ class ChainRule:
             context["init"] = lambda outer: {k: outer[(start, k)] for k in level.named_parameters()}
         if method.name == "itd":
             window = self._windows[(upper, name)]
+            if window.live is not None:  # the real steps recorded the graph: no replay
+                return {upper: self._live_vjp(window, upper, v)}
             if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
             inner, losses = window.params, [self._closure(level, b) for b in window.batches]

@@ -13,12 +13,13 @@ from .errors import GraphError, LossError, MloError, NonFiniteError, closest, qu
 from .graph import infer
 from .handle import Handle
 from .level import Level, registry
+from .live import LiveUnroll, live_levels
 from .precision import Precision
 from .running import Runner
 from .unroll import Window
 
 
-class Program(Runner, ChainRule):
+class Program(Runner, ChainRule, LiveUnroll):
     """A multilevel program built from levels; `Program()` takes every level in `mlo.registry`.
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
@@ -73,6 +74,7 @@ class Program(Runner, ChainRule):
         self._parallel = distributed.world_size() > 1
         self._reads = {n: tuple(low for low in self.graph.reads(n) if low in self._edges.get(n, {}))
                        for n in self.levels}  # the solutions each level differentiates through
+        self._live = live_levels(self)  # {level: upper} whose real steps record the ITD graph
         if self._parallel:
             for lv in levels:
                 distributed.broadcast_level(lv)
@@ -128,6 +130,8 @@ class Program(Runner, ChainRule):
             self._reset(level)  # no step since the upper level's last: a new window starts
         if self.steps[name] < options.warmup:
             self._slide_windows(level)
+        if name in self._live:
+            return self._live_step(level, batch)
         meta_batch = self._meta_batches.get(name)
         if meta_batch is None or not meta_batch.done:
             _clear_grads(level)
@@ -144,12 +148,13 @@ class Program(Runner, ChainRule):
                 self._close_windows(name)
                 return None
             micro_batches, losses, finite = meta_batch.take()
+        self._record_windows(level, micro_batches)  # before the step: its hyperparameters
         if finite if not self._parallel else distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
             self.skipped[name] += 1
             _clear_grads(level)
-        self._record(level, micro_batches, losses)
+        self._record(level, losses)
         return self.history[name][-1]["loss"]
 
     def _apply(self, level: Level, precision: Precision) -> None:
@@ -162,17 +167,19 @@ class Program(Runner, ChainRule):
         if precision.step(level.optimizer) and level.options.scheduler is not None:
             level.options.scheduler.step()
 
-    def _record(self, level: Level, micro_batches: list, losses: list) -> None:
+    def _record(self, level: Level, losses: list) -> None:
         name = level.name
         self.steps[name] += 1
-        for (upper, lower), window in self._windows.items():
-            if lower == name:
-                window.record(level, micro_batches)
         self._close_windows(name)
         entry = {"step": self.global_step + 1, "loss": sum(l for l, _ in losses) / len(losses)}
         for _, metrics in losses[-1:]:
             entry.update(metrics)
         self.history[name].append(entry)
+
+    def _record_windows(self, level: Level, micro_batches: list, rule=None) -> None:
+        for (upper, lower), window in self._windows.items():
+            if lower == level.name:
+                window.record(level, micro_batches, rule)
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .optim import FunctionalOptimizer
 
@@ -21,6 +22,7 @@ class Window:
     state: dict
     batches: list = field(default_factory=list)
     optimizers: list = field(default_factory=list)
+    live: Any = None  # a `live.Trajectory` while the real steps record this window's graph
 
     @property
     def steps(self) -> int:
@@ -33,7 +35,8 @@ class Window:
         return cls({k: p.detach().clone() for k, p in named.items()},
                    mirror.state(level.optimizer, named))
 
-    def record(self, level, micro_batches: list) -> None:
+    def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None) -> None:
+        """Record a step about to be taken on `micro_batches` (with `rule`, if already read)."""
         self.batches.append(list(micro_batches))
-        self.optimizers.append(FunctionalOptimizer.from_optimizer(
+        self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(
             level.optimizer, level.named_parameters(), level.options.clip_grad, level.name))

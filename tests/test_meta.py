@@ -465,3 +465,39 @@ def test_reset_clears_the_optimizer_state():
     program.step()  # the second window: reset to φ, fresh momentum
     for p in learner.parameters():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)
+
+
+@pytest.mark.parametrize("inner", [
+    lambda params: torch.optim.SGD(params, lr=ALPHA, momentum=0.9, weight_decay=0.01),
+    lambda params: torch.optim.Adam(params, lr=0.05),
+])
+def test_live_unroll_equals_the_replay(inner):
+    """The learner's real steps record MAML's graph (no replay); a replay gives the same."""
+    tasks, results = make_tasks(4), []
+    for live in (True, False):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        optimizer = inner(learner.parameters())
+
+        @mlo.level(module=learner, optimizer=optimizer, unroll=K,
+                   data=[s for s, _ in tasks for _ in range(K)])
+        def adapt(batch, module, meta: mlo.Init):
+            return mse_of(module, batch)
+
+        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                   data=[q for _, q in tasks], hypergrad="itd", tasks=2)
+        def meta(batch, adapt):
+            return mse_of(adapt, batch)
+
+        program = mlo.Program(adapt, meta)
+        assert program._live == {"adapt": "meta"}
+        if not live:
+            program._live.clear()
+        run(program, tasks[:3])  # ends inside a meta-batch: the learner's state is fresh
+        results.append((meta_net, learner, optimizer))
+    (meta_live, learner_live, opt_live), (meta_replay, learner_replay, opt_replay) = results
+    assert_params_close(meta_live, dict(meta_replay.named_parameters()), atol=1e-12)
+    assert_params_close(learner_live, dict(learner_replay.named_parameters()), atol=1e-12)
+    for p, q in zip(learner_live.parameters(), learner_replay.parameters()):
+        for key, value in opt_replay.state[q].items():
+            assert torch.allclose(opt_live.state[p][key], value, atol=1e-12, rtol=0), key

@@ -1,0 +1,147 @@
+"""Live unrolls: MAML's ITD windows differentiated through the real steps, without a replay (a
+part of `Program`).
+
+A level that starts from its only ITD upper level by `mlo.Init` (MAML's learner) takes its real
+steps functionally, θ_{t+1} = update(θ_t, ∇_θ f(θ_t, φ)) with the functional mirror of its own
+optimizer, keeping the graph from θ_0 = φ through every step. Its module's parameters, `.grad`
+and optimizer state (updated in place) are then set to the new values, so the level reads as if
+torch.optim had stepped. The upper level's hypergradient is then one backward pass,
+(dθ_T/dφ)ᵀ v, where a replay would first take the T steps again: the same cost, the same update
+rule, in the same order, so the same result (equal to rounding: the mirror's arithmetic is not
+torch.optim's fused kernels). Cost: the graph of T steps is held from the first step of a window
+to the upper level's step, as a replay holds it during the upper step.
+
+Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no
+data parallelism, a level that has no hypergradient of its own, one ITD upper level. A window
+resumed from a checkpoint takes its recorded steps again functionally, then continues live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .optim import FunctionalOptimizer
+
+
+@dataclass
+class Trajectory:
+    """The differentiable parameters and optimizer state of a live window at its current step."""
+
+    params: dict
+    state: dict
+
+
+def live_levels(program) -> dict[str, str]:
+    """Return {level: upper} for the levels whose real steps can record their ITD window."""
+    windows: dict[str, list[str]] = {}
+    for upper, edges in program._edges.items():
+        if program.levels[upper].method.name == "itd":
+            for lower in edges:
+                windows.setdefault(lower, []).append(upper)
+    live = {}
+    for lower, uppers in windows.items():
+        level, upper = program.levels[lower], uppers[0]
+        options = level.options
+        if (len(uppers) == 1 and program._starts.get(lower) == upper
+                and program._edges[upper][lower] == (upper,)
+                and lower not in program._edges and options.grad_accum == options.tasks == 1
+                and not (options.fp16 or options.bf16) and not program._parallel):
+            live[lower] = upper
+    return live
+
+
+class LiveUnroll:
+    """The live real step and its hypergradient (mixed into `Program`)."""
+
+    def _live_step(self, level, batch) -> float:
+        """Take `level`'s real step functionally on its live window; return its loss.
+
+        A window without a trajectory starts one; one resumed from a checkpoint mid-window first
+        takes its recorded steps again, giving the trajectory the uninterrupted run had.
+        """
+        name = level.name
+        window = self._windows[(self._live[name], name)]
+        if window.live is None:
+            window.live = self._start_trajectory(level, window)
+            for batches, rule in zip(window.batches, window.optimizers):
+                self._advance(level, window, batches[0], rule)
+        micro = batch if batch is not None else self._next_batch(level)
+        self._last_batch[name] = micro
+        rule = FunctionalOptimizer.from_optimizer(level.optimizer, level.named_parameters(),
+                                                  level.options.clip_grad, name)
+        self._record_windows(level, [micro], rule)
+        value, metrics, grads = self._advance(level, window, micro, rule)
+        if grads is not None:
+            _write_back(level, window.live, grads)
+            if level.options.scheduler is not None:
+                level.options.scheduler.step()
+        else:  # skipped, as a real step would be: the trajectory stays where it is
+            self.skipped[name] += 1
+        self._record(level, [(value, metrics)])
+        return self.history[name][-1]["loss"]
+
+    def _advance(self, level, window, batch, rule: FunctionalOptimizer):
+        """Take one differentiable step of the trajectory; return (loss, metrics, gradients),
+        gradients None where the loss is not finite (and the step not taken)."""
+        upper = self._live[level.name]
+        theta = window.live.params
+        loss, metrics = self._cost(level, batch, self._live_inputs(level, upper, theta))
+        value = float(loss.detach())
+        if not self._finite(level, value, "loss"):
+            return value, metrics, None
+        second_order = not dict(self.levels[upper].method.options).get("first_order")
+        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=second_order,
+                                    allow_unused=True)
+        grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(theta.items(),
+                                                                                  grads)}
+        rules = self._update_rules(level.name, (upper,), [rule])
+        rule = (rules(self._live_sources(upper)) if callable(rules) else rules)[0]
+        window.live = Trajectory(*rule.step(theta, grads, window.live.state))
+        return value, metrics, grads
+
+    def _start_trajectory(self, level, window) -> Trajectory:
+        """θ₀ = φ, a copy (φ steps in place while the graph may still be needed)."""
+        params = {k: t.clone() for (_, k), t in self._live_sources(self._live[level.name]).items()}
+        return Trajectory(params, {k: dict(v) for k, v in window.state.items()})
+
+    def _live_sources(self, upper: str) -> dict:
+        """The upper level's live parameters, keyed (level, name) as outer parameters are."""
+        return {(upper, k): p for k, p in self.levels[upper].named_parameters().items()}
+
+    def _live_inputs(self, level, upper: str, theta: dict) -> dict:
+        """Parameters for `level`'s cost: θ_t, the upper level live, every other level frozen
+        (a level that steps in place during the window must not be saved in the graph)."""
+        params = {level.name: theta, upper: self.levels[upper].named_parameters()}
+        for other, _ in level.names:
+            if other not in params:
+                params[other] = {k: p.detach()
+                                 for k, p in self.levels[other].named_parameters().items()}
+        return params
+
+    def _live_vjp(self, window, upper: str, v: dict) -> dict:
+        """(dθ_T/dφ)ᵀ v through the recorded graph of a live window."""
+        sources = self.levels[upper].named_parameters()
+        ends = [(t, v[k]) for k, t in window.live.params.items() if t.requires_grad]
+        if not ends:
+            return {k: torch.zeros_like(p) for k, p in sources.items()}
+        grads = torch.autograd.grad([t for t, _ in ends], list(sources.values()),
+                                    [w for _, w in ends], allow_unused=True)
+        return {k: torch.zeros_like(p) if g is None else g
+                for (k, p), g in zip(sources.items(), grads)}
+
+
+def _write_back(level, trajectory: Trajectory, grads: dict) -> None:
+    """Set the module's parameters, `.grad` and optimizer state to the live step's values."""
+    optimizer_state = level.optimizer.state
+    with torch.no_grad():
+        for key, p in level.named_parameters().items():
+            p.copy_(trajectory.params[key])
+            p.grad = grads[key].detach()
+            for name, t in trajectory.state.get(key, {}).items():  # in place: state is kept
+                entry = optimizer_state[p]
+                if isinstance(entry.get(name), torch.Tensor):
+                    entry[name].copy_(t)
+                else:
+                    entry[name] = t.detach().clone()
