@@ -40,7 +40,8 @@ class ChainRule:
         level, method = self.levels[name], self.levels[upper].method
         outer = {(src, k): p.detach() for src in inputs
                  for k, p in self.levels[src].named_parameters().items()}
-        context = {"lr": level.optimizer.param_groups[0]["lr"],
+        lr = level.optimizer.param_groups[0]["lr"]  # a learned one is another level's tensor
+        context = {"lr": lr.detach() if isinstance(lr, torch.Tensor) else lr,
                    "dtype": self._precision[name].dtype}
         if self._parallel:
             context["reduce"] = distributed.average
@@ -71,8 +72,9 @@ class ChainRule:
         """Return the recorded update rules, or, where `name`'s optimizer hyperparameters are
         parameters of a level in `inputs` (a learned learning rate), a function of the outer
         parameters that reads them from there, so that ITD differentiates through them."""
-        learned = {at: source for at, source in self._learned.get(name, {}).items()
-                   if source[0] in inputs}
+        if name not in self._learned:
+            return optimizers
+        learned = {at: source for at, source in self._learned[name].items() if source[0] in inputs}
         if not learned:
             return optimizers
         return lambda outer: [o.replace({at: outer[source] for at, source in learned.items()})

@@ -501,3 +501,28 @@ def test_live_unroll_equals_the_replay(inner):
     for p, q in zip(learner_live.parameters(), learner_replay.parameters()):
         for key, value in opt_replay.state[q].items():
             assert torch.allclose(opt_live.state[p][key], value, atol=1e-12, rtol=0), key
+
+
+def test_itd_replays_each_step_with_the_learning_rate_it_used():
+    """A scheduler changes the lr after each step; the window records it before the step."""
+    w, lam = nn.Parameter(torch.ones(2, dtype=D)), nn.Parameter(torch.tensor([0.5, -1.0], dtype=D))
+    optimizer = torch.optim.SGD([w], lr=0.2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    @mlo.level(module=w, optimizer=optimizer, scheduler=scheduler, unroll=2)
+    def inner(module, outer):
+        return 0.5 * ((module() - outer()) ** 2).sum()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=1.0), hypergrad="itd")
+    def outer(inner):
+        return 0.5 * (inner() ** 2).sum()
+
+    program = mlo.Program(inner, outer)
+    program.step()
+    program.step()
+    by_hand, start = torch.tensor([0.5, -1.0], dtype=D, requires_grad=True), torch.ones(2, dtype=D)
+    theta = start
+    for lr in (0.2, 0.1):
+        theta = theta - lr * (theta - by_hand)
+    expected = by_hand.detach() - torch.autograd.grad(0.5 * (theta ** 2).sum(), by_hand)[0]
+    assert torch.allclose(lam.detach(), expected, atol=1e-12, rtol=0)
