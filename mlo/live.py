@@ -126,8 +126,10 @@ class LiveUnroll:
         ends = [(t, v[k]) for k, t in window.live.params.items() if t.requires_grad]
         if not ends:
             return {k: torch.zeros_like(p) for k, p in sources.items()}
+        # retained: with grad_accum the upper level asks once per micro-batch; the graph goes
+        # with the window when the upper level steps
         grads = torch.autograd.grad([t for t, _ in ends], list(sources.values()),
-                                    [w for _, w in ends], allow_unused=True)
+                                    [w for _, w in ends], retain_graph=True, allow_unused=True)
         return {k: torch.zeros_like(p) if g is None else g
                 for (k, p), g in zip(sources.items(), grads)}
 

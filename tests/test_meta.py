@@ -467,11 +467,12 @@ def test_reset_clears_the_optimizer_state():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)
 
 
-@pytest.mark.parametrize("inner", [
-    lambda params: torch.optim.SGD(params, lr=ALPHA, momentum=0.9, weight_decay=0.01),
-    lambda params: torch.optim.Adam(params, lr=0.05),
+@pytest.mark.parametrize("inner,accumulate", [
+    (lambda params: torch.optim.SGD(params, lr=ALPHA, momentum=0.9, weight_decay=0.01), 1),
+    (lambda params: torch.optim.Adam(params, lr=0.05), 1),
+    (lambda params: torch.optim.SGD(params, lr=ALPHA), 2),  # two query batches per task
 ])
-def test_live_unroll_equals_the_replay(inner):
+def test_live_unroll_equals_the_replay(inner, accumulate):
     """The learner's real steps record MAML's graph (no replay); a replay gives the same."""
     tasks, results = make_tasks(4), []
     for live in (True, False):
@@ -485,7 +486,8 @@ def test_live_unroll_equals_the_replay(inner):
             return mse_of(module, batch)
 
         @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-                   data=[q for _, q in tasks], hypergrad="itd", tasks=2)
+                   data=[q for t in tasks for q in t], hypergrad="itd", tasks=2,
+                   grad_accum=accumulate)
         def meta(batch, adapt):
             return mse_of(adapt, batch)
 
