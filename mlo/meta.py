@@ -5,7 +5,9 @@ upper level's tensor in the lower level's optimizer):
 
 - **MAML**: the lower level `adapt(batch, module, meta: mlo.Init)` takes `unroll` steps from
   θ₀ = φ on the support batches; `meta` (cost: the query loss of `adapt`) declares
-  `hypergrad="itd"`, which differentiates through θ₀ = φ and every unrolled step.
+  `hypergrad="itd"`, which differentiates through θ₀ = φ and every unrolled step. Where `meta`
+  is the only ITD level above `adapt`, `adapt`'s real steps record that graph as they go
+  (`mlo.live`), so the meta-gradient costs one backward pass and no replay.
 - **FOMAML**: `hypergrad="first_order"` on `meta` takes dθ_T/dφ = I, so φ moves along the query
   gradient at θ_T, without any replay. `mlo.hypergrad.itd(first_order=True)` replays the steps
   with their gradients held constant: the same for plain SGD, and it also differentiates learned
@@ -28,15 +30,17 @@ upper level's tensor in the lower level's optimizer):
                                    for p, r in zip(learner.parameters(), rates)])
 
       @mlo.level(module=learner, optimizer=inner_opt, data=support, unroll=5)
-      def adapt(batch, module, meta: mlo.Init, rates): ...
+      def adapt(batch, module, meta: mlo.Init, inner_lr): ...
 
       @mlo.level(module=rates, optimizer=torch.optim.Adam(rates.parameters(), 1e-3),
                  data=query, hypergrad="itd")
-      def rates(batch, adapt): ...
+      def inner_lr(batch, adapt): ...
 
-  Real steps use the rate's current value; ITD replays them with the rate as a variable, so
-  d(query loss)/d(rate) flows through every update. Only `itd` differentiates an update rule, so
-  only an `itd` level named by the lower level may own such a tensor.
+  Real steps use the rate's current value (recorded by value at each step); ITD replays them
+  with the rate as a variable, so d(query loss)/d(rate) flows through every update. Only `itd`
+  differentiates an update rule, so only an `itd` level named by the lower level may own such a
+  tensor (any tensor hyperparameter of a param group works alike, where torch.optim accepts
+  one). Hypergradient descent on a learning rate is the same program without `mlo.Init`.
 
 Resets: before `adapt`'s first step, and before its first step after each step (each task) of
 `meta`, its parameters are copied from `meta`'s and its optimizer state (momentum, Adam moments
@@ -49,7 +53,8 @@ one window: `adapt` is reset, takes `unroll` steps on its next `unroll` batches,
 evaluates its cost on its next batch and adds 1/T of its gradient; after the T-th task `meta`
 steps once. Data contract: `adapt`'s data yields the support batches task after task (`unroll`
 per task, repeat a batch to take several steps on it) and `meta`'s data the query batch of each
-task in the same order. A meta step takes T·unroll global steps; the levels above see one step.
+task in the same order (`grad_accum` query batches per task where `meta` sets it). A meta step
+takes T·unroll global steps; the levels above see one step.
 """
 
 from __future__ import annotations

@@ -528,3 +528,31 @@ def test_itd_replays_each_step_with_the_learning_rate_it_used():
         theta = theta - lr * (theta - by_hand)
     expected = by_hand.detach() - torch.autograd.grad(0.5 * (theta ** 2).sum(), by_hand)[0]
     assert torch.allclose(lam.detach(), expected, atol=1e-12, rtol=0)
+
+
+def test_hypergradient_descent_on_a_learning_rate_without_init():
+    """The classic HPO case: the upper level is the inner SGD's lr, learned through 3 steps."""
+    A = torch.tensor([[2.0, 0.3], [0.3, 1.0]], dtype=D)
+    b, target = torch.tensor([1.0, -1.0], dtype=D), torch.tensor([0.2, 0.4], dtype=D)
+    w, rate = nn.Parameter(torch.zeros(2, dtype=D)), nn.Parameter(torch.tensor(0.1, dtype=D))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=rate), unroll=3)
+    def inner(module, step_size):
+        return 0.5 * module() @ A @ module() - b @ module()
+
+    @mlo.level(module=rate, optimizer=torch.optim.SGD([rate], lr=0.05), hypergrad="itd")
+    def step_size(inner):
+        return 0.5 * ((inner() - target) ** 2).sum()
+
+    program = mlo.Program(inner, step_size)
+    for _ in range(6):
+        program.step()
+    theta, alpha = torch.zeros(2, dtype=D), torch.tensor(0.1, dtype=D)
+    for _ in range(2):  # two outer steps, each through the 3 inner steps since the last
+        leaf = alpha.clone().requires_grad_()
+        for _ in range(3):
+            theta = theta - leaf * (A @ theta - b)
+        grad = torch.autograd.grad(0.5 * ((theta - target) ** 2).sum(), leaf)[0]
+        alpha, theta = alpha - 0.05 * grad, theta.detach()
+    assert torch.allclose(w.detach(), theta, atol=1e-12, rtol=0)
+    assert torch.allclose(rate.detach(), alpha, atol=1e-12, rtol=0)
