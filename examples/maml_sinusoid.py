@@ -17,7 +17,7 @@ adapted learner, over meta-batches of `--tasks` tasks (`tasks=T`). Methods:
 Reported: mean squared error on 200 held-out tasks after 5 adaptation steps (mean ± std over
 seeds), and the time per meta step.
 
-    PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 10 minutes on 2 cores
+    PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 15 minutes on 2 cores
     PYTHONPATH=. python examples/maml_sinusoid.py --quick    # seconds (CI)
 """
 
@@ -34,6 +34,7 @@ from torch.func import functional_call
 import mlo
 
 INNER_LR, INNER_STEPS, SHOTS = 0.01, 5, 10
+METHODS = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "Reptile", "pretrain"]
 
 
 def make_tasks(n, generator):
@@ -55,8 +56,40 @@ def mse(handle, batch):
     return F.mse_loss(handle(x), y)
 
 
+def adapt_level(method, learner, optimizer, support, prox):
+    """The learner: 5 SGD steps per task from θ₀ = φ (`mlo.Init`)."""
+    if method == "Meta-SGD":
+        def adapt(batch, module, meta: mlo.Init, rates):  # its optimizer's lrs are `rates`
+            return mse(module, batch)
+    else:
+        def adapt(batch, module, meta: mlo.Init):
+            loss = mse(module, batch)
+            if prox:  # iMAML: stay near the start; its implicit gradient is the meta-gradient
+                loss = loss + 0.5 * prox * sum(((p - q) ** 2).sum() for p, q in
+                                               zip(module.params.values(), meta.params.values()))
+            return loss
+    return mlo.level(module=learner, optimizer=optimizer, data=support, unroll=INNER_STEPS)(adapt)
+
+
+def meta_level(method, meta_net, queries, args):
+    """The meta-parameters φ: one step per meta-batch of `args.tasks` tasks."""
+    if method == "Reptile":
+        def meta(module, adapt):  # gradient φ − θ_5: SGD moves φ towards θ_5
+            return sum(0.5 * ((p - q.detach()) ** 2).sum()
+                       for p, q in zip(module.params.values(), adapt.params.values()))
+        outer = torch.optim.SGD(meta_net.parameters(), lr=0.1)
+    else:
+        def meta(batch, adapt):
+            return mse(adapt, batch)
+        outer = torch.optim.Adam(meta_net.parameters(), lr=args.outer_lr)
+    hypergrad = {"MAML": "itd", "Meta-SGD": "itd", "FOMAML": "first_order",
+                 "iMAML": mlo.hypergrad.aid_cg(iters=5), "Reptile": None}[method]
+    return mlo.level(module=meta_net, optimizer=outer, data=queries, hypergrad=hypergrad,
+                     tasks=args.tasks)(meta)
+
+
 def meta_train(method, tasks, args, seed):
-    """Train φ by `method` on `tasks`; return φ's module and the learned rates (or None)."""
+    """Train φ by `method` on `tasks`; return φ, the learned rates (or None), s / meta step."""
     torch.manual_seed(seed)
     meta_net = mlp()
     learner = copy.deepcopy(meta_net)
@@ -66,45 +99,15 @@ def meta_train(method, tasks, args, seed):
     inner_lr = rates if method == "Meta-SGD" else [INNER_LR] * len(rates)
     optimizer = torch.optim.SGD([{"params": [p], "lr": r}
                                  for p, r in zip(learner.parameters(), inner_lr)])
-    prox = 1.0 if method == "iMAML" else 0.0
-
-    def adapt(batch, module, meta: mlo.Init):
-        loss = mse(module, batch)
-        if prox:  # iMAML: stay near the start; its implicit gradient is the meta-gradient
-            loss = loss + 0.5 * prox * sum(((p - q) ** 2).sum() for p, q in
-                                           zip(module.params.values(), meta.params.values()))
-        return loss
-
+    prox = args.imaml_lambda if method == "iMAML" else 0.0
+    levels = [adapt_level(method, learner, optimizer, support, prox),
+              meta_level(method, meta_net, queries, args)]
     if method == "Meta-SGD":
-        def adapt(batch, module, meta: mlo.Init, rates):  # noqa: F811 (rates: an upper level)
-            return mse(module, batch)
-
-    adapt = mlo.level(module=learner, optimizer=optimizer, data=support,
-                      unroll=INNER_STEPS)(adapt)
-    hypergrad = {"MAML": "itd", "Meta-SGD": "itd", "FOMAML": "first_order",
-                 "iMAML": mlo.hypergrad.aid_cg(iters=5), "Reptile": None}[method]
-    if method == "Reptile":
-        outer = torch.optim.SGD(meta_net.parameters(), lr=0.1)
-
-        def meta(module, adapt):  # gradient φ − θ_5: SGD moves φ towards θ_5
-            return sum(0.5 * ((p - q.detach()) ** 2).sum()
-                       for p, q in zip(module.params.values(), adapt.params.values()))
-    else:
-        outer = torch.optim.Adam(meta_net.parameters(), lr=args.outer_lr)
-
-        def meta(batch, adapt):
+        @mlo.level(module=rates, optimizer=torch.optim.Adam(rates.parameters(), lr=args.outer_lr),
+                   data=queries, hypergrad="itd", tasks=args.tasks, name="rates")
+        def learned_rates(batch, adapt):
             return mse(adapt, batch)
-
-    meta = mlo.level(module=meta_net, optimizer=outer, data=queries, hypergrad=hypergrad,
-                     tasks=args.tasks)(meta)
-    levels = [adapt, meta]
-    if method == "Meta-SGD":
-        def rates_level(batch, adapt):
-            return mse(adapt, batch)
-        levels.append(mlo.level(module=rates, optimizer=torch.optim.Adam(rates.parameters(),
-                                                                         lr=args.outer_lr),
-                                data=queries, hypergrad="itd", tasks=args.tasks,
-                                name="rates")(rates_level))
+        levels.append(learned_rates)
     program = mlo.Program(*levels)
     start = time.perf_counter()
     program.run(len(support), progress=False)
@@ -148,22 +151,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds, for CI")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--meta-steps", type=int, default=1000)
+    parser.add_argument("--meta-steps", type=int, default=500)
     parser.add_argument("--tasks", type=int, default=10, help="tasks per meta-batch")
     parser.add_argument("--outer-lr", type=float, default=1e-3)
     parser.add_argument("--test-tasks", type=int, default=200)
+    parser.add_argument("--imaml-lambda", type=float, default=1.0, help="iMAML's proximal weight")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.meta_steps, args.tasks, args.test_tasks = 1, 3, 4, 20
+        args.seeds, args.meta_steps, args.tasks, args.test_tasks = 1, 2, 2, 5
     torch.set_num_threads(1)  # tiny tensors: extra threads only add contention
 
-    methods = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "Reptile", "pretrain"]
-    results = {m: [] for m in methods}
+    results = {m: [] for m in args.methods}
     for seed in range(args.seeds):
         generator = torch.Generator().manual_seed(seed)
         tasks = make_tasks(args.meta_steps * args.tasks, generator)
         test_tasks = make_tasks(args.test_tasks, torch.Generator().manual_seed(10_000 + seed))
-        for method in methods:
+        for method in args.methods:
             mlo.registry.clear()
             train = pretrain if method == "pretrain" else lambda *a: meta_train(method, *a)
             net, rates, seconds = train(tasks, args, seed)
