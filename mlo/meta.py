@@ -54,7 +54,10 @@ evaluates its cost on its next batch and adds 1/T of its gradient; after the T-t
 steps once. Data contract: `adapt`'s data yields the support batches task after task (`unroll`
 per task, repeat a batch to take several steps on it) and `meta`'s data the query batch of each
 task in the same order (`grad_accum` query batches per task where `meta` sets it). A meta step
-takes T·unroll global steps; the levels above see one step.
+takes T·unroll global steps; the levels above see one step. Tasks run one after another, as a
+hand-written MAML loop runs them: memory stays that of one task, and any module, optimizer and
+cost works unchanged (vectorising tasks with `torch.func.vmap` would need a task axis on the
+learner's parameters and optimizer state, which a plain `torch.optim` optimizer does not have).
 """
 
 from __future__ import annotations
