@@ -38,6 +38,9 @@ class ChainRule:
     def _best_response_vjp(self, upper: str, name: str, inputs, v) -> dict[str, dict]:
         """Return (dθ*_name / dθ_source)ᵀ v for each source in `inputs`, by `upper`'s method."""
         level, method = self.levels[name], self.levels[upper].method
+        window = self._windows.get((upper, name))
+        if window is not None and window.live is not None:  # the real steps recorded the graph
+            return {upper: self._live_vjp(window, upper, v)}
         outer = {(src, k): p.detach() for src in inputs
                  for k, p in self.levels[src].named_parameters().items()}
         lr = level.optimizer.param_groups[0]["lr"]  # a learned one is another level's tensor
@@ -49,9 +52,6 @@ class ChainRule:
         if start in inputs:  # θ₀ = φ: the window starts from the source's parameters
             context["init"] = lambda outer: {k: outer[(start, k)] for k in level.named_parameters()}
         if method.name == "itd":
-            window = self._windows[(upper, name)]
-            if window.live is not None:  # the real steps recorded the graph: no replay
-                return {upper: self._live_vjp(window, upper, v)}
             if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
             inner, losses = window.params, [self._closure(level, b) for b in window.batches]

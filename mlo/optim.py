@@ -36,17 +36,17 @@ class FunctionalOptimizer:
                 f"itd: level '{level}' uses {kind}, which has no functional mirror; supported: "
                 f"{', '.join(SUPPORTED)}. Use one of them on that level, or a method that does "
                 f"not unroll the optimizer (aid_cg, aid_neumann, aid_fd).")
-        by_id = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        hyper = {}
-        for name, p in named_params.items():
-            group = by_id[id(p)]
+        by_id = {}
+        for group in optimizer.param_groups:
             if group.get("amsgrad"):
                 raise OptimizerError(f"itd: level '{level}' uses {kind}(amsgrad=True), which has "
                                      f"no functional mirror; set amsgrad=False.")
-            # a tensor hyperparameter (a learned learning rate) is snapshotted: its owner may step
-            hyper[name] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                           for k, v in group.items() if k != "params"}
-        return cls(kind, hyper, clip_grad)
+            # one snapshot per group, shared by its parameters; a tensor hyperparameter (a
+            # learned learning rate) is copied: its owner may step before the replay
+            values = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                      for k, v in group.items() if k != "params"}
+            by_id.update((id(p), values) for p in group["params"])
+        return cls(kind, {name: by_id[id(p)] for name, p in named_params.items()}, clip_grad)
 
     def replace(self, values: dict[tuple[str, str], torch.Tensor]) -> "FunctionalOptimizer":
         """Return this update rule with hyperparameters replaced, keyed (parameter, name).

@@ -206,6 +206,8 @@ class Program(Runner, ChainRule, LiveUnroll):
         if self.levels[upper].method.name != "itd":
             return
         for lower in self._edges[upper]:
+            if (upper, lower) in self._windows and self._starts.get(lower) == upper:
+                continue  # it restarts at its reset, before its next step
             self._windows[(upper, lower)] = Window.start(self.levels[lower])
 
     # -- costs and gradients ------------------------------------------------------------------

@@ -289,7 +289,7 @@ def test_three_levels_with_an_init_edge():
     assert not torch.allclose(lam_ref, torch.tensor(0.1, dtype=D), atol=1e-5)
 
 
-@pytest.mark.parametrize("stop", [2, 4, 7])  # first window; second task of a meta-batch; next one
+@pytest.mark.parametrize("stop", [2, 4, 6, 7])  # in a window; in a meta-batch; at their ends
 def test_resume_inside_a_window_and_a_meta_batch_continues_exactly(stop, tmp_path):
     tasks = make_tasks(4)
     reference, expected = maml_program(tasks, 2, "itd")
