@@ -129,6 +129,20 @@ def learned_hyperparameters(levels: dict, graph) -> dict[str, dict]:
     return learned
 
 
+def relink(levels: dict, learned: dict) -> None:
+    """Point each learned hyperparameter back at its owner's tensor.
+
+    Loading a torch optimizer's state dict replaces a tensor `lr` in its param groups by the
+    saved copy; the owner's own tensor (restored with its module) must drive the steps again.
+    """
+    for name, entries in learned.items():
+        level = levels[name]
+        groups = {id(p): group for group in level.optimizer.param_groups for p in group["params"]}
+        params = level.named_parameters()
+        for (key, hyper), (upper, source) in entries.items():
+            groups[id(params[key])][hyper] = levels[upper].named_parameters()[source]
+
+
 def _check_source(levels: dict, graph, name: str, hyper: str, source: tuple) -> None:
     upper, key = source
     prefix = (f"Program: level '{name}''s optimizer has {hyper}= parameter '{key}' of level "

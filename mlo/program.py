@@ -325,6 +325,7 @@ class Program(Runner, ChainRule, LiveUnroll):
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` into this program, built from the same levels."""
         checkpoint.load_program_state(self, state)
+        meta.relink(self.levels, self._learned)
         for name, entry in state.get("meta_batches", {}).items():
             self._meta_batches[name].load_state_dict(entry, self.levels[name])
 

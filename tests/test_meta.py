@@ -179,8 +179,8 @@ def test_reptile_is_an_upper_cost_without_hypergrad():
     assert_params_close(meta_net, phi)
 
 
-def test_meta_sgd_learns_one_rate_per_parameter_tensor():
-    tasks, gamma = make_tasks(4), 0.05
+def meta_sgd_program(tasks, gamma):
+    """MAML with a learned SGD rate per parameter tensor (a third level, `inner_lr`)."""
     learner, meta_net = net(), net()
     rates = nn.ParameterList(nn.Parameter(torch.tensor(ALPHA * (1 + i / 10), dtype=D))
                              for i in range(4))
@@ -203,7 +203,12 @@ def test_meta_sgd_learns_one_rate_per_parameter_tensor():
     def inner_lr(batch, adapt):
         return mse_of(adapt, batch)
 
-    program = mlo.Program(adapt, meta, inner_lr)
+    return mlo.Program(adapt, meta, inner_lr), meta_net, rates
+
+
+def test_meta_sgd_learns_one_rate_per_parameter_tensor():
+    tasks, gamma = make_tasks(4), 0.05
+    program, meta_net, rates = meta_sgd_program(tasks, gamma)
     assert program.graph.init == (("meta", "adapt"),)
     run(program, tasks)
 
@@ -307,6 +312,26 @@ def test_resume_inside_a_window_and_a_meta_batch_continues_exactly(stop, tmp_pat
     for (key, p), q in zip(meta_net.named_parameters(), expected.parameters()):
         assert torch.equal(p, q), key
     assert resumed.history == reference.history
+
+
+def test_resume_keeps_the_learned_rates_in_the_lower_optimizer(tmp_path):
+    tasks = make_tasks(4)
+    reference, _, expected = meta_sgd_program(tasks, 0.05)
+    run(reference, tasks)
+    mlo.registry.clear()
+    program, _, _ = meta_sgd_program(tasks, 0.05)
+    for _ in range(7):
+        program.step()
+    program.save(tmp_path / "meta_sgd.pt")
+    mlo.registry.clear()
+    fresh, _, rates = meta_sgd_program(tasks, 0.05)
+    resumed = mlo.Program.load(tmp_path / "meta_sgd.pt", *fresh.levels.values())
+    groups = resumed.levels["adapt"].optimizer.param_groups
+    assert all(group["lr"] is rate for group, rate in zip(groups, rates))
+    for _ in range(len(tasks) * K - 7):
+        resumed.step()
+    for rate, value in zip(rates, expected):
+        assert torch.equal(rate, value)
 
 
 # -- errors ----------------------------------------------------------------------------------------
