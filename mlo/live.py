@@ -52,8 +52,42 @@ def live_levels(program) -> dict[str, str]:
     return live
 
 
+def live_uppers(program) -> set[str]:
+    """Return the upper levels whose every read solution is a live window of their own."""
+    return {upper for upper in set(program._live.values())
+            if program._edges[upper] == {low: (upper,) for low in program._reads[upper]}
+            and all(program._live.get(low) == upper for low in program._reads[upper])}
+
+
 class LiveUnroll:
     """The live real step and its hypergradient (mixed into `Program`)."""
+
+    def _reads_live(self, name: str) -> bool:
+        return all(self._windows[(name, low)].live is not None for low in self._reads[name])
+
+    def _live_accumulate(self, level, batch, precision):
+        """`_accumulate` for a level in `live_uppers`: its cost reads the live trajectories
+        θ_T(φ), so one backward pass gives its direct gradient and hypergradient together, as a
+        hand-written MAML loop computes them."""
+        name = level.name
+        ends = {low: self._windows[(name, low)].live.params for low in self._reads[name]}
+        loss, metrics = self._cost(level, batch, ends)
+        value = float(loss.detach())
+        if not self._finite(level, value, "loss"):
+            return value, metrics, False
+        scaled = precision.scale_loss(loss) / (level.options.grad_accum * level.options.tasks)
+        own = level.named_parameters()
+        # retained: with grad_accum the trajectory serves several micro-batches
+        grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=True,
+                                    allow_unused=True)
+        present = [g for g in grads if g is not None]
+        finite = precision.scaler is not None or not present or bool(
+            torch.stack([torch.isfinite(g).all() for g in present]).all())
+        for p, g in zip(own.values(), grads):
+            if g is not None:  # an fp16 overflow stays in .grad, where the loss scaler finds it
+                p.grad = g if p.grad is None else p.grad + g
+        return value, metrics, self._finite(level, 0.0 if finite else float("nan"),
+                                            "hypergradient")
 
     def _live_step(self, level, batch) -> float:
         """Take `level`'s real step functionally on its live window; return its loss.

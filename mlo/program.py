@@ -13,7 +13,7 @@ from .errors import GraphError, LossError, MloError, NonFiniteError, closest, qu
 from .graph import infer
 from .handle import Handle
 from .level import Level, registry
-from .live import LiveUnroll, live_levels
+from .live import LiveUnroll, live_levels, live_uppers
 from .precision import Precision
 from .running import Runner
 from .unroll import Window
@@ -75,6 +75,7 @@ class Program(Runner, ChainRule, LiveUnroll):
         self._reads = {n: tuple(low for low in self.graph.reads(n) if low in self._edges.get(n, {}))
                        for n in self.levels}  # the solutions each level differentiates through
         self._live = live_levels(self)  # {level: upper} whose real steps record the ITD graph
+        self._live_uppers = live_uppers(self)
         if self._parallel:
             for lv in levels:
                 distributed.broadcast_level(lv)
@@ -264,6 +265,8 @@ class Program(Runner, ChainRule, LiveUnroll):
         below, or the hypergradient that comes back) is left in `.grad`, where the loss scaler
         finds it: the step is skipped, counted and the scale lowered, as for any fp16 overflow.
         """
+        if level.name in self._live_uppers and self._reads_live(level.name):
+            return self._live_accumulate(level, batch, precision)
         edges = self._edges.get(level.name, {})
         reads = self._reads[level.name]
         params = {low: self.levels[low].named_parameters() for low in reads}

@@ -520,6 +520,7 @@ def test_live_unroll_equals_the_replay(inner, accumulate):
         assert program._live == {"adapt": "meta"}
         if not live:
             program._live.clear()
+            program._live_uppers.clear()
         run(program, tasks[:3])  # ends inside a meta-batch: the learner's state is fresh
         results.append((meta_net, learner, optimizer))
     (meta_live, learner_live, opt_live), (meta_replay, learner_replay, opt_replay) = results
