@@ -8,7 +8,8 @@ and optimizer state (updated in place) are then set to the new values, so the le
 torch.optim had stepped. The upper level's hypergradient is then one backward pass,
 (dθ_T/dφ)ᵀ v, where a replay would first take the T steps again: the same cost, the same update
 rule, in the same order, so the same result (equal to rounding: the mirror's arithmetic is not
-torch.optim's fused kernels). Cost: the graph of T steps is held from the first step of a window
+torch.optim's fused kernels). An upper level whose every read solution is such a window evaluates
+its cost on the trajectories θ_T(φ) themselves, so one backward pass gives its whole gradient. Cost: the graph of T steps is held from the first step of a window
 to the upper level's step, as a replay holds it during the upper step.
 
 Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no

@@ -582,3 +582,36 @@ def test_hypergradient_descent_on_a_learning_rate_without_init():
         alpha, theta = alpha - 0.05 * grad, theta.detach()
     assert torch.allclose(w.detach(), theta, atol=1e-12, rtol=0)
     assert torch.allclose(rate.detach(), alpha, atol=1e-12, rtol=0)
+
+
+def test_live_window_next_to_a_replayed_one():
+    """meta differentiates through adapt (live, MAML) and through a second lower level (replay)."""
+    tasks, results = make_tasks(2), []
+    for live in (True, False):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        anchor = nn.Parameter(torch.tensor([0.3, -0.2], dtype=D))
+
+        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=ALPHA),
+                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+        def adapt(batch, module, meta: mlo.Init):
+            return mse_of(module, batch)
+
+        @mlo.level(module=anchor, optimizer=torch.optim.SGD([anchor], lr=0.4), unroll=K)
+        def follow(module, meta):
+            return 0.5 * ((module() - meta.params["2.bias"]) ** 2).sum()
+
+        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                   data=[q for _, q in tasks], hypergrad="itd")
+        def meta(batch, adapt, follow):
+            return mse_of(adapt, batch) + 0.5 * (follow() ** 2).sum()
+
+        program = mlo.Program(adapt, follow, meta)
+        assert program._live == {"adapt": "meta"} and not program._live_uppers
+        if not live:
+            program._live.clear()
+        run(program, tasks)
+        results.append(dict(meta_net.named_parameters()))
+    for key, p in results[0].items():
+        assert torch.allclose(p, results[1][key], atol=1e-12, rtol=0), key
+    assert not torch.allclose(results[0]["2.bias"], net()[2].bias, atol=1e-6)
