@@ -76,7 +76,8 @@ class LiveUnroll:
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
-        scaled = precision.scale_loss(loss) / (level.options.grad_accum * level.options.tasks)
+        scaled, parts = precision.scale_loss(loss), level.options.grad_accum * level.options.tasks
+        scaled = scaled / parts if parts > 1 else scaled
         own = level.named_parameters()
         # retained: with grad_accum the trajectory serves several micro-batches
         grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=True,
