@@ -13,9 +13,10 @@ NOTES = [
     "query loss of the meta-batch, second order through the inner steps. One outer step = one "
     "meta-batch of T tasks.",
     "mlo: `adapt(batch, module, meta: mlo.Init)` with unroll=5 and `meta(batch, adapt)` with "
-    "hypergrad='itd', tasks=T. It takes each inner step twice: once as a real step (the "
-    "learner's torch.optim update, first order) and once in the ITD replay that differentiates "
-    "it; the other implementations take each step once, with the second-order graph.",
+    "hypergrad='itd', tasks=T. The learner's real steps record the second-order graph (a live "
+    "unroll, mlo/live.py), so each inner step is taken once, as in the other implementations; "
+    "the difference is per-step bookkeeping (schedule, window records, writing θ_t back into "
+    "the learner's module and optimizer), which a network this small makes visible.",
     "Δ hypergrad: one meta step from the initial parameters; the gradient the meta optimizer "
     "applies against the hand-written one. The float64 case measures agreement at double "
     "precision (tests/test_meta.py checks MAML, FOMAML, iMAML and Meta-SGD against hand-written "
