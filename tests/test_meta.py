@@ -5,8 +5,6 @@ inner loop from θ₀ = φ per task, meta-batches averaged) and once as an mlo p
 parameters must agree to 1e-8 after several outer steps.
 """
 
-import copy
-
 import pytest
 import torch
 from torch import nn
