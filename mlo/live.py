@@ -9,8 +9,9 @@ torch.optim had stepped. The upper level's hypergradient is then one backward pa
 (dθ_T/dφ)ᵀ v, where a replay would first take the T steps again: the same cost, the same update
 rule, in the same order, so the same result (equal to rounding: the mirror's arithmetic is not
 torch.optim's fused kernels). An upper level whose every read solution is such a window evaluates
-its cost on the trajectories θ_T(φ) themselves, so one backward pass gives its whole gradient. Cost: the graph of T steps is held from the first step of a window
-to the upper level's step, as a replay holds it during the upper step.
+its cost on the trajectories θ_T(φ) themselves, so one backward pass gives its whole gradient.
+Cost: the graph of the T steps is held from a window's first step until the learner's next step
+(its reset), where a replay holds it only during the upper level's step.
 
 Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no
 data parallelism, a level that has no hypergradient of its own, one ITD upper level. A window
