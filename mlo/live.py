@@ -1,7 +1,7 @@
 """Live unrolls: MAML's ITD windows differentiated through the real steps, without a replay (a
 part of `Program`).
 
-A level that starts from its only ITD upper level by `mlo.Init` (MAML's learner) takes its real
+A level that starts from its ITD upper level by `mlo.Init` (MAML's learner) takes its real
 steps functionally, θ_{t+1} = update(θ_t, ∇_θ f(θ_t, φ)) with the functional mirror of its own
 optimizer, keeping the graph from θ_0 = φ through every step. Its module's parameters, `.grad`
 and optimizer state (updated in place) are then set to the new values, so the level reads as if
@@ -14,8 +14,9 @@ Cost: the graph of the T steps is held from a window's first step until the lear
 (its reset), where a replay holds it only during the upper level's step.
 
 Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no
-data parallelism, a level that has no hypergradient of its own, one ITD upper level. A window
-resumed from a checkpoint takes its recorded steps again functionally, then continues live.
+data parallelism, a level that has no hypergradient of its own (see `live_levels` for several
+ITD upper levels). A window resumed from a checkpoint takes its recorded steps again
+functionally, then continues live.
 """
 
 from __future__ import annotations
@@ -35,8 +36,14 @@ class Trajectory:
     state: dict
 
 
-def live_levels(program) -> dict[str, str]:
-    """Return {level: upper} for the levels whose real steps can record their ITD window."""
+def live_levels(program) -> dict[str, tuple[str, ...]]:
+    """Return {level: its ITD upper levels} for the levels whose real steps record their window.
+
+    A level qualifies when it starts from one of those upper levels (`mlo.Init`) and each of them
+    differentiates it against its own parameters only; where there are several (Meta-SGD's meta
+    level and learned rates), each reads that level alone, so their windows open and close
+    together and share one trajectory.
+    """
     windows: dict[str, list[str]] = {}
     for upper, edges in program._edges.items():
         if program.levels[upper].method.name == "itd":
@@ -44,21 +51,22 @@ def live_levels(program) -> dict[str, str]:
                 windows.setdefault(lower, []).append(upper)
     live = {}
     for lower, uppers in windows.items():
-        level, upper = program.levels[lower], uppers[0]
-        options = level.options
-        if (len(uppers) == 1 and program._starts.get(lower) == upper
-                and program._edges[upper][lower] == (upper,)
+        options = program.levels[lower].options
+        alone = len(uppers) == 1 or all(program.graph.reads(u) == (lower,) for u in uppers)
+        orders = {dict(program.levels[u].method.options).get("first_order") for u in uppers}
+        if (program._starts.get(lower) in uppers and alone and len(orders) == 1
+                and all(program._edges[u][lower] == (u,) for u in uppers)
                 and lower not in program._edges and options.grad_accum == options.tasks == 1
                 and not (options.fp16 or options.bf16) and not program._parallel):
-            live[lower] = upper
+            live[lower] = tuple(uppers)
     return live
 
 
 def live_uppers(program) -> set[str]:
     """Return the upper levels whose every read solution is a live window of their own."""
-    return {upper for upper in set(program._live.values())
+    return {upper for uppers in program._live.values() for upper in uppers
             if program._edges[upper] == {low: (upper,) for low in program._reads[upper]}
-            and all(program._live.get(low) == upper for low in program._reads[upper])}
+            and all(upper in program._live.get(low, ()) for low in program._reads[upper])}
 
 
 class LiveUnroll:
@@ -99,19 +107,21 @@ class LiveUnroll:
         takes its recorded steps again, giving the trajectory the uninterrupted run had.
         """
         name = level.name
-        window = self._windows[(self._live[name], name)]
-        if window.live is None:
-            window.live = self._start_trajectory(level, window)
-            for batches, rule in zip(window.batches, window.optimizers):
-                self._advance(level, window, batches[0], rule)
+        windows = [self._windows[(upper, name)] for upper in self._live[name]]
+        if any(window.live is None for window in windows):
+            start = self._start_trajectory(level, windows[0])
+            for window in windows:
+                window.live = start
+            for batches, rule in zip(windows[0].batches, windows[0].optimizers):
+                self._advance(level, windows, batches[0], rule)
         micro = batch if batch is not None else self._next_batch(level)
         self._last_batch[name] = micro
         rule = FunctionalOptimizer.from_optimizer(level.optimizer, level.named_parameters(),
                                                   level.options.clip_grad, name)
         self._record_windows(level, [micro], rule)
-        value, metrics, grads = self._advance(level, window, micro, rule)
+        value, metrics, grads = self._advance(level, windows, micro, rule)
         if grads is not None:
-            _write_back(level, window.live, grads)
+            _write_back(level, windows[0].live, grads)
             if level.options.scheduler is not None:
                 level.options.scheduler.step()
         else:  # skipped, as a real step would be: the trajectory stays where it is
@@ -119,38 +129,48 @@ class LiveUnroll:
         self._record(level, [(value, metrics)])
         return self.history[name][-1]["loss"]
 
-    def _advance(self, level, window, batch, rule: FunctionalOptimizer):
+    def _advance(self, level, windows: list, batch, rule: FunctionalOptimizer):
         """Take one differentiable step of the trajectory; return (loss, metrics, gradients),
         gradients None where the loss is not finite (and the step not taken)."""
-        upper = self._live[level.name]
-        theta = window.live.params
-        loss, metrics = self._cost(level, batch, self._live_inputs(level, upper, theta))
+        uppers = self._live[level.name]
+        # with several upper levels, one steps its parameters in place before the next one
+        # differentiates: the graph reads copies of them
+        copy = len(uppers) > 1
+        theta = windows[0].live.params
+        loss, metrics = self._cost(level, batch, self._live_inputs(level, uppers, theta, copy))
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, None
-        second_order = not dict(self.levels[upper].method.options).get("first_order")
+        second_order = not dict(self.levels[uppers[0]].method.options).get("first_order")
         grads = torch.autograd.grad(loss, list(theta.values()), create_graph=second_order,
                                     allow_unused=True)
         grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(theta.items(),
                                                                                   grads)}
-        rules = self._update_rules(level.name, (upper,), [rule])
-        rule = (rules(self._live_sources(upper)) if callable(rules) else rules)[0]
-        window.live = Trajectory(*rule.step(theta, grads, window.live.state))
+        rules = self._update_rules(level.name, uppers, [rule])
+        rule = (rules(self._live_sources(uppers, copy)) if callable(rules) else rules)[0]
+        trajectory = Trajectory(*rule.step(theta, grads, windows[0].live.state))
+        for window in windows:
+            window.live = trajectory
         return value, metrics, grads
 
     def _start_trajectory(self, level, window) -> Trajectory:
         """θ₀ = φ, a copy (φ steps in place while the graph may still be needed)."""
-        params = {k: t.clone() for (_, k), t in self._live_sources(self._live[level.name]).items()}
+        start = self._starts[level.name]
+        params = {k: t.clone() for k, t in self.levels[start].named_parameters().items()}
         return Trajectory(params, {k: dict(v) for k, v in window.state.items()})
 
-    def _live_sources(self, upper: str) -> dict:
-        """The upper level's live parameters, keyed (level, name) as outer parameters are."""
-        return {(upper, k): p for k, p in self.levels[upper].named_parameters().items()}
+    def _live_sources(self, uppers, copy: bool) -> dict:
+        """The upper levels' parameters, keyed (level, name) as outer parameters are."""
+        return {(upper, k): p.clone() if copy else p for upper in uppers
+                for k, p in self.levels[upper].named_parameters().items()}
 
-    def _live_inputs(self, level, upper: str, theta: dict) -> dict:
-        """Parameters for `level`'s cost: θ_t, the upper level live, every other level frozen
-        (a level that steps in place during the window must not be saved in the graph)."""
-        params = {level.name: theta, upper: self.levels[upper].named_parameters()}
+    def _live_inputs(self, level, uppers, theta: dict, copy: bool) -> dict:
+        """Parameters for `level`'s cost: θ_t, the upper levels live (or copies), every other
+        level frozen (a level that steps in place during the window must not be in the graph)."""
+        params = {level.name: theta}
+        for upper in uppers:
+            params[upper] = {k: p.clone() if copy else p
+                             for k, p in self.levels[upper].named_parameters().items()}
         for other, _ in level.names:
             if other not in params:
                 params[other] = {k: p.detach()

@@ -208,6 +208,7 @@ def test_meta_sgd_learns_one_rate_per_parameter_tensor():
     tasks, gamma = make_tasks(4), 0.05
     program, meta_net, rates = meta_sgd_program(tasks, gamma)
     assert program.graph.init == (("meta", "adapt"),)
+    assert program._live == {"adapt": ("meta", "inner_lr")}  # one trajectory, two levels
     run(program, tasks)
 
     model = net()
@@ -515,7 +516,7 @@ def test_live_unroll_equals_the_replay(inner, accumulate):
             return mse_of(adapt, batch)
 
         program = mlo.Program(adapt, meta)
-        assert program._live == {"adapt": "meta"}
+        assert program._live == {"adapt": ("meta",)}
         if not live:
             program._live.clear()
             program._live_uppers.clear()
@@ -605,7 +606,7 @@ def test_live_window_next_to_a_replayed_one():
             return mse_of(adapt, batch) + 0.5 * (follow() ** 2).sum()
 
         program = mlo.Program(adapt, follow, meta)
-        assert program._live == {"adapt": "meta"} and not program._live_uppers
+        assert program._live == {"adapt": ("meta",)} and not program._live_uppers
         if not live:
             program._live.clear()
         run(program, tasks)
@@ -613,3 +614,43 @@ def test_live_window_next_to_a_replayed_one():
     for key, p in results[0].items():
         assert torch.allclose(p, results[1][key], atol=1e-12, rtol=0), key
     assert not torch.allclose(results[0]["2.bias"], net()[2].bias, atol=1e-6)
+
+
+def test_two_upper_levels_share_a_live_trajectory_that_reads_both():
+    """adapt's cost runs meta's network and takes a learned rate. Live, whichever upper level
+    steps first, the other differentiates the same graph (it reads copies): both orders give
+    the replay's result where the replay is exact (the rate first: a replay after meta's step
+    would read meta's new parameters in adapt's cost)."""
+    tasks, results = make_tasks(4), []
+    for order, live in ((("meta", "inner_lr"), True), (("inner_lr", "meta"), True),
+                        (("inner_lr", "meta"), False)):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        rate = nn.Parameter(torch.tensor(ALPHA, dtype=D))
+
+        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=rate),
+                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+        def adapt(batch, module, meta: mlo.Init, inner_lr):
+            x, y = batch
+            return mse_of(module, batch) + 0.1 * ((module(x) - meta(x)) ** 2).mean()
+
+        queries = [q for _, q in tasks]
+        levels = {"meta": mlo.level(module=meta_net, data=queries, hypergrad="itd", tasks=2,
+                                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                                    name="meta")(lambda batch, adapt: mse_of(adapt, batch)),
+                  "inner_lr": mlo.level(module=rate, data=queries, hypergrad="itd",  # tasks=1
+                                        optimizer=torch.optim.SGD([rate], lr=0.05),
+                                        name="inner_lr")(lambda batch, adapt: mse_of(adapt, batch))}
+        program = mlo.Program(adapt, *(levels[name] for name in order))
+        assert program._live == {"adapt": order}
+        if not live:
+            program._live.clear()
+            program._live_uppers.clear()
+        run(program, tasks)
+        results.append((dict(meta_net.named_parameters()), rate.detach().clone()))
+    (phi, rate), others = results[0], results[1:]
+    for other_phi, other_rate in others:
+        for key, p in phi.items():
+            assert torch.allclose(p, other_phi[key], atol=1e-12, rtol=0), key
+        assert torch.allclose(rate, other_rate, atol=1e-12, rtol=0)
+    assert not torch.allclose(rate, torch.tensor(ALPHA, dtype=D), atol=1e-6)
