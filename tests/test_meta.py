@@ -5,37 +5,18 @@ inner loop from θ₀ = φ per task, meta-batches averaged) and once as an mlo p
 parameters must agree to 1e-8 after several outer steps.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import mlo
 
-D = torch.float64
-ALPHA, BETA, K = 0.3, 0.1, 3  # inner lr, outer lr, inner steps per task
-
-
-def net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).to(D)
-
-
-def make_tasks(n, seed=1):
-    """n sinusoid tasks, each (support batch, query batch) of 6 points."""
-    g = torch.Generator().manual_seed(seed)
-    tasks = []
-    for _ in range(n):
-        amplitude = 0.5 + 2 * torch.rand(1, generator=g, dtype=D)
-        phase = torch.rand(1, generator=g, dtype=D)
-        points = [4 * torch.rand(6, 1, generator=g, dtype=D) - 2 for _ in range(2)]
-        tasks.append(tuple((x, amplitude * torch.sin(x + phase)) for x in points))
-    return tasks
-
-
-def mse(model, params, batch):
-    x, y = batch
-    return ((functional_call(model, params, (x,)) - y) ** 2).mean()
+sys.path.insert(0, str(Path(__file__).parent))
+from meta_tasks import (ALPHA, BETA, D, K, assert_params_close, make_tasks, mse,  # noqa: E402
+                        mse_of, net, run)
 
 
 # -- hand-written references ---------------------------------------------------------------------
@@ -87,20 +68,6 @@ def maml_program(tasks, meta_batch, hypergrad, prox=0.0):
 
     return mlo.Program(adapt, meta), meta_net
 
-
-def mse_of(handle, batch):
-    x, y = batch
-    return ((handle(x) - y) ** 2).mean()
-
-
-def run(program, tasks):
-    for _ in range(len(tasks) * K):
-        program.step()
-
-
-def assert_params_close(module, expected, atol=1e-8):
-    for key, p in module.named_parameters():
-        assert torch.allclose(p.detach(), expected[key], atol=atol, rtol=0), key
 
 
 @pytest.mark.parametrize("meta_batch", [1, 3])
@@ -333,203 +300,6 @@ def test_resume_keeps_the_learned_rates_in_the_lower_optimizer(tmp_path):
         assert torch.equal(rate, value)
 
 
-# -- errors ----------------------------------------------------------------------------------------
-
-def pair(learner, meta_module, warmup=0, meta_names_adapt=True, tasks=1):
-    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=0.1),
-               warmup=warmup)
-    def adapt(module, meta: "mlo.Init"):
-        return module[0].weight.sum() if isinstance(module.level.module, nn.Sequential) else 0
-
-    if meta_names_adapt:
-        @mlo.level(module=meta_module, optimizer=torch.optim.SGD(meta_module.parameters(), lr=0.1),
-                   hypergrad="itd", tasks=tasks)
-        def meta(adapt):
-            return adapt.params["0.weight"].sum()
-    else:
-        @mlo.level(module=meta_module, optimizer=torch.optim.SGD(meta_module.parameters(), lr=0.1))
-        def meta(module):
-            return module.params["0.weight"].sum()
-    return adapt, meta
-
-
-def test_init_annotation_is_parsed_from_the_signature():
-    adapt, _ = pair(net(), net())
-    assert adapt.names == (("meta", "init"),)
-
-
-def test_init_with_a_different_shape_names_the_parameter():
-    wide = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(D)
-    with pytest.raises(mlo.GraphError, match=r"Program: level 'adapt' starts from 'meta' "
-                       r"\(mlo\.Init\), but their parameters differ: parameter '0\.weight' has "
-                       r"shape \(5, 1\) in 'adapt' and \(6, 1\) in 'meta'(?s:.*)copy\.deepcopy"):
-        mlo.Program(*pair(net(), wide))
-
-
-def test_init_with_other_parameter_names_names_the_first_missing_one():
-    longer = nn.Sequential(*net(), nn.Linear(1, 1).to(D))
-    with pytest.raises(mlo.GraphError, match=r"parameters differ: 'meta' has parameter "
-                                             r"'3\.weight', 'adapt' has none of that name"):
-        mlo.Program(*pair(net(), longer))
-    mlo.registry.clear()
-    with pytest.raises(mlo.GraphError, match=r"parameters differ: 'adapt' has parameter "
-                                             r"'3\.weight', 'meta' has none of that name"):
-        mlo.Program(*pair(longer, net()))
-
-
-def test_init_level_must_read_the_lower_solution():
-    with pytest.raises(mlo.GraphError, match=r"'meta' does not read 'adapt''s solution, so 'adapt' "
-                                             r"has no unroll window to start"):
-        mlo.Program(*pair(net(), net(), meta_names_adapt=False))
-
-
-def test_warmup_on_a_level_that_starts_from_another_is_refused():
-    with pytest.raises(mlo.GraphError, match=r"level 'adapt' starts each unroll window from 'meta' "
-                                             r"\(mlo\.Init\), so it cannot take warmup=2 steps"):
-        mlo.Program(*pair(net(), net(), warmup=2))
-
-
-def test_tasks_must_be_a_positive_integer():
-    with pytest.raises(mlo.LevelError, match=r"@level 'meta': tasks must be an integer >= 1, "
-                                             r"got 0"):
-        pair(net(), net(), tasks=0)
-
-
-def test_tasks_on_a_level_that_reads_no_solution():
-    w = nn.Parameter(torch.zeros(2, dtype=D))
-
-    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), tasks=3)
-    def alone(module):
-        return (module() ** 2).sum()
-
-    with pytest.raises(mlo.GraphError, match=r"level 'alone' has tasks=3, but it reads no level's "
-                                             r"solution(?s:.*)grad_accum=3"):
-        mlo.Program(alone)
-
-
-def test_itd_above_a_meta_batched_level_is_refused():
-    learner, meta_net, lam = net(), net(), nn.Parameter(torch.zeros((), dtype=D))
-
-    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=0.1))
-    def adapt(module, meta: mlo.Init):
-        return module.params["0.weight"].sum()
-
-    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.1),
-               hypergrad="itd", tasks=2)
-    def meta(adapt, top: mlo.Upper):
-        return adapt.params["0.weight"].sum() * top()
-
-    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="itd")
-    def top(meta):
-        return meta.params["0.weight"].sum()
-
-    with pytest.raises(mlo.GraphError, match=r"level 'top' \(itd\) replays the steps of 'meta', "
-                                             r"which has tasks=2"):
-        mlo.Program(adapt, meta, top)
-
-
-def learned_rate_program(rate_hypergrad="itd", named=True):
-    learner, rate = net(), nn.Parameter(torch.tensor(0.1, dtype=D))
-    optimizer = torch.optim.SGD(learner.parameters(), lr=rate)
-    if named:
-        @mlo.level(module=learner, optimizer=optimizer)
-        def adapt(module, inner_lr):
-            return module.params["0.weight"].sum()
-    else:
-        @mlo.level(module=learner, optimizer=optimizer)
-        def adapt(module):
-            return module.params["0.weight"].sum()
-
-    @mlo.level(module=rate, optimizer=torch.optim.SGD([rate], lr=0.1), hypergrad=rate_hypergrad)
-    def inner_lr(adapt):
-        return adapt.params["0.weight"].sum()
-
-    return mlo.Program(adapt, inner_lr)
-
-
-def test_learned_rate_of_a_level_not_named_is_refused():
-    with pytest.raises(mlo.GraphError, match=r"level 'adapt''s optimizer has lr= parameter 'param' "
-                                             r"of level 'inner_lr', but 'inner_lr' is not an upper "
-                                             r"level named by 'adapt'"):
-        learned_rate_program(named=False)
-
-
-def test_learned_rate_needs_itd():
-    with pytest.raises(mlo.GraphError, match=r"level 'inner_lr', which declares "
-                                             r"hypergrad=aid_cg\(.*only itd differentiates"):
-        learned_rate_program(rate_hypergrad="aid_cg")
-
-
-def test_learned_rate_is_recorded_by_value():
-    rate = nn.Parameter(torch.tensor(0.1, dtype=D))
-    learner = net()
-    optimizer = torch.optim.SGD(learner.parameters(), lr=rate)
-    rule = mlo.optim.FunctionalOptimizer.from_optimizer(optimizer, dict(learner.named_parameters()))
-    with torch.no_grad():
-        rate.fill_(5.0)  # the owner steps later: the record keeps the value the step used
-    assert float(rule.hyper["0.weight"]["lr"]) == pytest.approx(0.1)
-
-
-def test_reset_clears_the_optimizer_state():
-    tasks = make_tasks(2)
-    learner, meta_net = net(), net()
-    optimizer = torch.optim.SGD(learner.parameters(), lr=ALPHA, momentum=0.9)
-
-    @mlo.level(module=learner, optimizer=optimizer, data=[s for s, _ in tasks], unroll=1)
-    def adapt(batch, module, meta: mlo.Init):
-        return mse_of(module, batch)
-
-    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-               data=[q for _, q in tasks], hypergrad="itd")
-    def meta(batch, adapt):
-        return mse_of(adapt, batch)
-
-    program = mlo.Program(adapt, meta)
-    program.step()
-    program.step()  # the second window: reset to φ, fresh momentum
-    for p in learner.parameters():
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)
-
-
-@pytest.mark.parametrize("inner,accumulate", [
-    (lambda params: torch.optim.SGD(params, lr=ALPHA, momentum=0.9, weight_decay=0.01), 1),
-    (lambda params: torch.optim.Adam(params, lr=0.05), 1),
-    (lambda params: torch.optim.SGD(params, lr=ALPHA), 2),  # two query batches per task
-])
-def test_live_unroll_equals_the_replay(inner, accumulate):
-    """The learner's real steps record MAML's graph (no replay); a replay gives the same."""
-    tasks, results = make_tasks(4), []
-    for live in (True, False):
-        mlo.registry.clear()
-        learner, meta_net = net(), net()
-        optimizer = inner(learner.parameters())
-
-        @mlo.level(module=learner, optimizer=optimizer, unroll=K,
-                   data=[s for s, _ in tasks for _ in range(K)])
-        def adapt(batch, module, meta: mlo.Init):
-            return mse_of(module, batch)
-
-        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-                   data=[q for t in tasks for q in t], hypergrad="itd", tasks=2,
-                   grad_accum=accumulate)
-        def meta(batch, adapt):
-            return mse_of(adapt, batch)
-
-        program = mlo.Program(adapt, meta)
-        assert program._live == {"adapt": ("meta",)}
-        if not live:
-            program._live.clear()
-            program._live_uppers.clear()
-        run(program, tasks[:3])  # ends inside a meta-batch: the learner's state is fresh
-        results.append((meta_net, learner, optimizer))
-    (meta_live, learner_live, opt_live), (meta_replay, learner_replay, opt_replay) = results
-    assert_params_close(meta_live, dict(meta_replay.named_parameters()), atol=1e-12)
-    assert_params_close(learner_live, dict(learner_replay.named_parameters()), atol=1e-12)
-    for p, q in zip(learner_live.parameters(), learner_replay.parameters()):
-        for key, value in opt_replay.state[q].items():
-            assert torch.allclose(opt_live.state[p][key], value, atol=1e-12, rtol=0), key
-
-
 def test_itd_replays_each_step_with_the_learning_rate_it_used():
     """A scheduler changes the lr after each step; the window records it before the step."""
     w, lam = nn.Parameter(torch.ones(2, dtype=D)), nn.Parameter(torch.tensor([0.5, -1.0], dtype=D))
@@ -583,74 +353,22 @@ def test_hypergradient_descent_on_a_learning_rate_without_init():
     assert torch.allclose(rate.detach(), alpha, atol=1e-12, rtol=0)
 
 
-def test_live_window_next_to_a_replayed_one():
-    """meta differentiates through adapt (live, MAML) and through a second lower level (replay)."""
-    tasks, results = make_tasks(2), []
-    for live in (True, False):
-        mlo.registry.clear()
-        learner, meta_net = net(), net()
-        anchor = nn.Parameter(torch.tensor([0.3, -0.2], dtype=D))
+def test_reset_clears_the_optimizer_state():
+    tasks = make_tasks(2)
+    learner, meta_net = net(), net()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=ALPHA, momentum=0.9)
 
-        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=ALPHA),
-                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
-        def adapt(batch, module, meta: mlo.Init):
-            return mse_of(module, batch)
+    @mlo.level(module=learner, optimizer=optimizer, data=[s for s, _ in tasks], unroll=1)
+    def adapt(batch, module, meta: mlo.Init):
+        return mse_of(module, batch)
 
-        @mlo.level(module=anchor, optimizer=torch.optim.SGD([anchor], lr=0.4), unroll=K)
-        def follow(module, meta):
-            return 0.5 * ((module() - meta.params["2.bias"]) ** 2).sum()
+    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+               data=[q for _, q in tasks], hypergrad="itd")
+    def meta(batch, adapt):
+        return mse_of(adapt, batch)
 
-        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-                   data=[q for _, q in tasks], hypergrad="itd")
-        def meta(batch, adapt, follow):
-            return mse_of(adapt, batch) + 0.5 * (follow() ** 2).sum()
-
-        program = mlo.Program(adapt, follow, meta)
-        assert program._live == {"adapt": ("meta",)} and not program._live_uppers
-        if not live:
-            program._live.clear()
-        run(program, tasks)
-        results.append(dict(meta_net.named_parameters()))
-    for key, p in results[0].items():
-        assert torch.allclose(p, results[1][key], atol=1e-12, rtol=0), key
-    assert not torch.allclose(results[0]["2.bias"], net()[2].bias, atol=1e-6)
-
-
-def test_two_upper_levels_share_a_live_trajectory_that_reads_both():
-    """adapt's cost runs meta's network and takes a learned rate. Live, whichever upper level
-    steps first, the other differentiates the same graph (it reads copies): both orders give
-    the replay's result where the replay is exact (the rate first: a replay after meta's step
-    would read meta's new parameters in adapt's cost)."""
-    tasks, results = make_tasks(4), []
-    for order, live in ((("meta", "inner_lr"), True), (("inner_lr", "meta"), True),
-                        (("inner_lr", "meta"), False)):
-        mlo.registry.clear()
-        learner, meta_net = net(), net()
-        rate = nn.Parameter(torch.tensor(ALPHA, dtype=D))
-
-        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=rate),
-                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
-        def adapt(batch, module, meta: mlo.Init, inner_lr):
-            x, y = batch
-            return mse_of(module, batch) + 0.1 * ((module(x) - meta(x)) ** 2).mean()
-
-        queries = [q for _, q in tasks]
-        levels = {"meta": mlo.level(module=meta_net, data=queries, hypergrad="itd", tasks=2,
-                                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-                                    name="meta")(lambda batch, adapt: mse_of(adapt, batch)),
-                  "inner_lr": mlo.level(module=rate, data=queries, hypergrad="itd",  # tasks=1
-                                        optimizer=torch.optim.SGD([rate], lr=0.05),
-                                        name="inner_lr")(lambda batch, adapt: mse_of(adapt, batch))}
-        program = mlo.Program(adapt, *(levels[name] for name in order))
-        assert program._live == {"adapt": order}
-        if not live:
-            program._live.clear()
-            program._live_uppers.clear()
-        run(program, tasks)
-        results.append((dict(meta_net.named_parameters()), rate.detach().clone()))
-    (phi, rate), others = results[0], results[1:]
-    for other_phi, other_rate in others:
-        for key, p in phi.items():
-            assert torch.allclose(p, other_phi[key], atol=1e-12, rtol=0), key
-        assert torch.allclose(rate, other_rate, atol=1e-12, rtol=0)
-    assert not torch.allclose(rate, torch.tensor(ALPHA, dtype=D), atol=1e-6)
+    program = mlo.Program(adapt, meta)
+    program.step()
+    program.step()  # the second window: reset to φ, fresh momentum
+    for p in learner.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)

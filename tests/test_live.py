@@ -1,0 +1,127 @@
+"""Live unrolls (mlo/live.py): a learner's real steps record the graph its ITD upper levels
+differentiate; the result must be the replay's."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mlo
+
+sys.path.insert(0, str(Path(__file__).parent))
+from meta_tasks import (ALPHA, BETA, D, K, assert_params_close, make_tasks,  # noqa: E402
+                        mse_of, net, run)
+
+
+@pytest.mark.parametrize("inner,accumulate", [
+    (lambda params: torch.optim.SGD(params, lr=ALPHA, momentum=0.9, weight_decay=0.01), 1),
+    (lambda params: torch.optim.Adam(params, lr=0.05), 1),
+    (lambda params: torch.optim.SGD(params, lr=ALPHA), 2),  # two query batches per task
+])
+def test_live_unroll_equals_the_replay(inner, accumulate):
+    """The learner's real steps record MAML's graph (no replay); a replay gives the same."""
+    tasks, results = make_tasks(4), []
+    for live in (True, False):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        optimizer = inner(learner.parameters())
+
+        @mlo.level(module=learner, optimizer=optimizer, unroll=K,
+                   data=[s for s, _ in tasks for _ in range(K)])
+        def adapt(batch, module, meta: mlo.Init):
+            return mse_of(module, batch)
+
+        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                   data=[q for t in tasks for q in t], hypergrad="itd", tasks=2,
+                   grad_accum=accumulate)
+        def meta(batch, adapt):
+            return mse_of(adapt, batch)
+
+        program = mlo.Program(adapt, meta)
+        assert program._live == {"adapt": ("meta",)}
+        if not live:
+            program._live.clear()
+            program._live_uppers.clear()
+        run(program, tasks[:3])  # ends inside a meta-batch: the learner's state is fresh
+        results.append((meta_net, learner, optimizer))
+    (meta_live, learner_live, opt_live), (meta_replay, learner_replay, opt_replay) = results
+    assert_params_close(meta_live, dict(meta_replay.named_parameters()), atol=1e-12)
+    assert_params_close(learner_live, dict(learner_replay.named_parameters()), atol=1e-12)
+    for p, q in zip(learner_live.parameters(), learner_replay.parameters()):
+        for key, value in opt_replay.state[q].items():
+            assert torch.allclose(opt_live.state[p][key], value, atol=1e-12, rtol=0), key
+
+
+def test_live_window_next_to_a_replayed_one():
+    """meta differentiates through adapt (live, MAML) and through a second lower level (replay)."""
+    tasks, results = make_tasks(2), []
+    for live in (True, False):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        anchor = nn.Parameter(torch.tensor([0.3, -0.2], dtype=D))
+
+        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=ALPHA),
+                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+        def adapt(batch, module, meta: mlo.Init):
+            return mse_of(module, batch)
+
+        @mlo.level(module=anchor, optimizer=torch.optim.SGD([anchor], lr=0.4), unroll=K)
+        def follow(module, meta):
+            return 0.5 * ((module() - meta.params["2.bias"]) ** 2).sum()
+
+        @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                   data=[q for _, q in tasks], hypergrad="itd")
+        def meta(batch, adapt, follow):
+            return mse_of(adapt, batch) + 0.5 * (follow() ** 2).sum()
+
+        program = mlo.Program(adapt, follow, meta)
+        assert program._live == {"adapt": ("meta",)} and not program._live_uppers
+        if not live:
+            program._live.clear()
+        run(program, tasks)
+        results.append(dict(meta_net.named_parameters()))
+    for key, p in results[0].items():
+        assert torch.allclose(p, results[1][key], atol=1e-12, rtol=0), key
+    assert not torch.allclose(results[0]["2.bias"], net()[2].bias, atol=1e-6)
+
+
+def test_two_upper_levels_share_a_live_trajectory_that_reads_both():
+    """adapt's cost runs meta's network and takes a learned rate. Live, whichever upper level
+    steps first, the other differentiates the same graph (it reads copies): both orders give
+    the replay's result where the replay is exact (the rate first: a replay after meta's step
+    would read meta's new parameters in adapt's cost)."""
+    tasks, results = make_tasks(4), []
+    for order, live in ((("meta", "inner_lr"), True), (("inner_lr", "meta"), True),
+                        (("inner_lr", "meta"), False)):
+        mlo.registry.clear()
+        learner, meta_net = net(), net()
+        rate = nn.Parameter(torch.tensor(ALPHA, dtype=D))
+
+        @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=rate),
+                   data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+        def adapt(batch, module, meta: mlo.Init, inner_lr):
+            x, y = batch
+            return mse_of(module, batch) + 0.1 * ((module(x) - meta(x)) ** 2).mean()
+
+        queries = [q for _, q in tasks]
+        levels = {"meta": mlo.level(module=meta_net, data=queries, hypergrad="itd", tasks=2,
+                                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+                                    name="meta")(lambda batch, adapt: mse_of(adapt, batch)),
+                  "inner_lr": mlo.level(module=rate, data=queries, hypergrad="itd",  # tasks=1
+                                        optimizer=torch.optim.SGD([rate], lr=0.05),
+                                        name="inner_lr")(lambda batch, adapt: mse_of(adapt, batch))}
+        program = mlo.Program(adapt, *(levels[name] for name in order))
+        assert program._live == {"adapt": order}
+        if not live:
+            program._live.clear()
+            program._live_uppers.clear()
+        run(program, tasks)
+        results.append((dict(meta_net.named_parameters()), rate.detach().clone()))
+    (phi, rate), others = results[0], results[1:]
+    for other_phi, other_rate in others:
+        for key, p in phi.items():
+            assert torch.allclose(p, other_phi[key], atol=1e-12, rtol=0), key
+        assert torch.allclose(rate, other_rate, atol=1e-12, rtol=0)
+    assert not torch.allclose(rate, torch.tensor(ALPHA, dtype=D), atol=1e-6)
