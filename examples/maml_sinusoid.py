@@ -20,7 +20,7 @@ proximal inner problem; 5 steps at lr 0.01 leave that problem far from solved, s
 setting its meta-gradient is biased and iMAML trails the methods that differentiate the 5 steps
 actually taken (`--imaml-lambda` sets λ).
 
-    PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 15 minutes on 2 cores
+    PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 6 minutes (one core)
     PYTHONPATH=. python examples/maml_sinusoid.py --quick    # seconds (CI)
 """
 
