@@ -10,7 +10,8 @@ to lower the loss on a balanced meta set of 100 images (10 per class) held out o
     weighting:   min_φ  CE(f_θ*(φ)(x_meta), y_meta)       through θ*(φ), by --methods
 
 `itd` backpropagates through the classifier's last step, which is the update of the paper;
-`aid_fd` approximates it with two first-order passes (finite differences, no second order).
+`aid_fd` takes the same one-step look-ahead at the classifier's current parameters, with the
+mixed second derivative computed exactly (it respects the `.detach()` on the weight net's input).
 
 The classifier uses SGD(lr 0.1, momentum 0.9, weight decay 5e-4) with a cosine schedule; the
 baseline trains the same classifier with the same optimizer, schedule and steps on the plain mean
