@@ -11,6 +11,8 @@ from __future__ import annotations
 from html import escape
 from typing import NamedTuple
 
+__all__ = ["svg"]
+
 
 class EdgeKind(NamedTuple):
     """How to draw one kind of edge: the `Graph` attribute holding its (from, to) pairs, its
