@@ -57,7 +57,10 @@ def svg(graph) -> str:
              f'font-size="13">', "<title>mlo program graph</title>",
              '<defs><marker id="mlo-arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
              'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
-             'fill="#444"/></marker></defs>', *lines]
+             'fill="#444"/></marker></defs>',
+             # an opaque ground keeps the dark text legible in dark notebook themes
+             f'<rect x="{left:.0f}" y="{-MARGIN}" width="{width:.0f}" height="{height:.0f}" '
+             'fill="white"/>', *lines]
     for name, (x, y, w) in boxes.items():
         parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{BOX_HEIGHT}" rx="6" '
                      f'fill="#e8eef8" stroke="#3b5b92" stroke-width="1.5"/>')

@@ -33,7 +33,7 @@ def parse(graph):
     texts = root.findall(f"{SVG}text")
     names = [t.text for t in texts if t.get("text-anchor") == "middle"]
     boxes = {n: tuple(float(r.get(k)) for k in ("x", "y", "width", "height"))
-             for n, r in zip(names, root.findall(f"{SVG}rect"))}
+             for n, r in zip(names, root.findall(f"{SVG}rect")[1:])}  # [0]: the background
     labels = [t for t in texts if t.get("text-anchor") != "middle"]
     edges = [(p.get("d"), p.get("stroke-dasharray"), t.text)
              for p, t in zip(root.findall(f"{SVG}path"), labels)]
@@ -97,10 +97,14 @@ def test_an_edge_that_skips_a_layer_bends_around_the_level_between():
         assert middle_x < x or middle_x > x + w
 
 
-def test_labels_do_not_overlap_and_everything_lies_inside_the_picture():
+def test_labels_do_not_overlap_and_everything_lies_on_the_picture():
     for graph in (bilevel(), label_correction(), domain_adaptation()):
         root, boxes, _, labels = parse(graph)
         left, top, width, height = map(float, root.get("viewBox").split())
+        ground = root.findall(f"{SVG}rect")[0]  # opaque, for dark notebook themes
+        assert ground.get("fill") == "white"
+        assert [float(ground.get(k)) for k in ("x", "y", "width", "height")] == \
+            [left, top, width, height]
         spans = []
         for t in labels:
             x, y, size = float(t.get("x")), float(t.get("y")), CHAR_WIDTH * len(t.text)
