@@ -58,10 +58,10 @@ def test_graph_displays_as_svg_in_a_notebook_beside_a_clone_named_mlo(beside_clo
                 client.execute_cell(cell, index)
         except CellExecutionError as error:
             raise AssertionError(
-                "the notebook failed; if it says module 'mlo' has no attribute 'level', mlo is "
-                "installed in setuptools' default editable mode, which a folder named mlo in "
-                "the working directory shadows: pip install -e . --config-settings "
-                "editable_mode=compat") from error
+                "the notebook failed; if it says module 'mlo' has no attribute 'level', this "
+                "environment reaches mlo through an editable install's import hook, which a "
+                "folder named mlo in the working directory shadows: run pip install -e . again "
+                "(docs/notebooks.md)") from error
     outputs = notebook.cells[-1].outputs
     assert [o.output_type for o in outputs] == ["execute_result"]
     picture = outputs[0].data["image/svg+xml"]
@@ -69,12 +69,11 @@ def test_graph_displays_as_svg_in_a_notebook_beside_a_clone_named_mlo(beside_clo
     assert "text/markdown" not in outputs[0].data  # Jupyter would show it instead of the picture
 
 
-def test_compat_editable_install_is_not_shadowed_by_a_clone_folder_named_mlo(beside_clone):
-    """Build the editable wheel that the README's commands install, and find `mlo` through it
-    from the folder that holds the clone, where the clone itself is a namespace package `mlo`."""
+def test_editable_install_is_not_shadowed_by_a_clone_folder_named_mlo(beside_clone):
+    """Build the editable wheel that `pip install -e .` installs, and find `mlo` through it from
+    the folder that holds the clone, where the clone itself is a namespace package `mlo`."""
     build = ("from setuptools import build_meta; "
-             f"build_meta.build_editable({str(beside_clone / 'wheel')!r}, "
-             "config_settings={'editable_mode': 'compat'})")
+             f"build_meta.build_editable({str(beside_clone / 'wheel')!r})")
     subprocess.run([sys.executable, "-c", build], cwd=beside_clone / "mlo", check=True,
                    capture_output=True, timeout=60)
     site = beside_clone / "site"
