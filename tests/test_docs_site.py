@@ -2,6 +2,7 @@
 navigation, and the guides' code runs. (`mkdocs build --strict` in .ci/run checks the rest.)"""
 
 import ast
+import base64
 import importlib
 import importlib.util
 import inspect
@@ -104,13 +105,30 @@ def test_guide_code_runs(page):
         exec(compile(code, filename, "exec"), namespace)  # the blocks assert what they show
 
 
+def load(name: str):
+    """Import one of the site's build helpers in docs/ by file name."""
+    spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_docstring_code_is_fenced_for_the_site():
     pytest.importorskip("griffe", reason="the docs extra is not installed")
-    spec = importlib.util.spec_from_file_location("docstring_blocks", DOCS / "docstring_blocks.py")
-    blocks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(blocks)
+    blocks = load("docstring_blocks")
     text = ("Summary.\n\nExample::\n\n    program = f(\n        1)\n\nAfter.\n\n"
             ">>> x = 1\n>>> x\n1\n\nEnd.")
     assert blocks.fence(text).splitlines() == [
         "Summary.", "", "Example:", "", "```python", "program = f(", "    1)", "```", "",
         "After.", "", "", "```pycon", ">>> x = 1", ">>> x", "1", "```", "", "End."]
+
+
+def test_graph_markers_become_pictures_of_the_programs():
+    hooks = load("hooks")
+    page = hooks.on_page_markdown("Text.\n\n<!-- graph: reweighting -->\n")
+    encoded = re.fullmatch(r'Text\.\n\n<img alt="[^"]+" src="data:image/svg\+xml;base64,(\S+)">\n',
+                           page).group(1)
+    picture = base64.b64decode(encoded).decode()
+    assert ">classifier<" in picture and ">weighting<" in picture
+    with pytest.raises(KeyError):
+        hooks.on_page_markdown("<!-- graph: no-such-program -->")
