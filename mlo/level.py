@@ -45,8 +45,17 @@ class Options:
 class Level:
     """One level of a multilevel program: a cost function, its parameters, optimizer and data.
 
-    Calling a level outside a program runs its module with its current parameters (or returns the
-    tensor, for a bare hyperparameter tensor), so a trained level can be evaluated in a notebook.
+    Calling a level outside a program, `classifier(x)`, is calling its module, `net(x)`, with its
+    current parameters (a bare hyperparameter tensor level returns the tensor): it trains nothing
+    and, as any module call, records an autograd graph unless grad mode is off. To evaluate a
+    trained level, call it under `torch.no_grad()` (or `torch.inference_mode()`): its outputs
+    then carry no graph (`requires_grad` is False) and hold no activations. Train/eval mode is the
+    module's own: `classifier.module.eval()` before evaluating dropout or batch norm.
+
+    Example::
+
+        with torch.no_grad():
+            accuracy = (classifier(x_test).argmax(1) == y_test).float().mean()
     """
 
     def __init__(self, fn: Callable, module, optimizer, data, hypergrad, name: str, options: Options):
@@ -143,6 +152,10 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
         raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
                          f"parameters, got {type(optimizer).__name__}.")
     _check_coverage(prefix, module, optimizer)
+    if isinstance(data, torch.Tensor):
+        raise LevelError(f"{prefix} data is a tensor of shape {tuple(data.shape)}, whose batches "
+                         f"would be its single rows; pass an iterable of batches: a list such as "
+                         f"[(x, y)], or DataLoader(TensorDataset(x, y), batch_size=...).")
     if data is not None and not hasattr(data, "__iter__"):
         raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
                          f"None, got {type(data).__name__}.")
