@@ -46,11 +46,13 @@ class Level:
     """One level of a multilevel program: a cost function, its parameters, optimizer and data.
 
     Calling a level outside a program, `classifier(x)`, is calling its module, `net(x)`, with its
-    current parameters (a bare hyperparameter tensor level returns the tensor): it trains nothing
-    and, as any module call, records an autograd graph unless grad mode is off. To evaluate a
-    trained level, call it under `torch.no_grad()` (or `torch.inference_mode()`): its outputs
-    then carry no graph (`requires_grad` is False) and hold no activations. Train/eval mode is the
-    module's own: `classifier.module.eval()` before evaluating dropout or batch norm.
+    current parameters: it trains nothing and, as any module call, records an autograd graph
+    unless grad mode is off. To evaluate a trained level, call it under `torch.no_grad()` (or
+    `torch.inference_mode()`): its outputs then carry no graph (`requires_grad` is False) and hold
+    no activations. A bare hyperparameter tensor level returns its tensor: the parameter itself,
+    or under no_grad a detached view of it (`.clone()` it to keep a snapshot across steps).
+    Train/eval mode is the module's own: `classifier.module.eval()` before evaluating dropout or
+    batch norm.
 
     Example::
 
@@ -92,7 +94,7 @@ class Level:
             if args or kwargs:
                 raise TypeError(f"level '{self.name}' is a tensor of hyperparameters; call it "
                                 f"with no arguments to get it.")
-            return self.module
+            return self.module if torch.is_grad_enabled() else self.module.detach()
         return self.module(*args, **kwargs)
 
     def __repr__(self) -> str:
