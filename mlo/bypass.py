@@ -51,13 +51,13 @@ def check_handles(program, upper: str) -> None:
 def _message(program, upper: str, level, other: str) -> str:
     prefix = f"Program.step (step {program.global_step}): level '{level.name}'"
     through = f"so the hypergradient of level '{upper}' through '{level.name}' would be exactly zero"
-    if other == level.name:
-        return (f"{prefix} calls its network directly (e.g. net(x)) instead of its 'module' "
-                f"argument: the parameters mlo passes to 'module' do not reach its loss, {through}."
-                f"\n  {level.location}\n  Call module(x) in the cost, not the network object.")
     tensor = isinstance(program.levels[other].module, torch.Tensor)
-    call = f"{other}()" if tensor else f"{other}(x)"
-    what = "its tensor" if tensor else "its network"
+    what, args = ("its tensor", "()") if tensor else ("its network", "(x)")
+    if other == level.name:
+        example = "" if tensor else " (e.g. net(x))"
+        return (f"{prefix} reads {what} directly{example} instead of through its 'module' "
+                f"argument: the parameters mlo passes to 'module' do not reach its loss, {through}."
+                f"\n  {level.location}\n  Use module{args} in the cost, not the object itself.")
     return (f"{prefix} names '{other}' but reads {what} directly instead of through the handle "
             f"'{other}': the parameters mlo passes through that handle do not reach its loss, "
-            f"{through}.\n  {level.location}\n  Use the handle in the cost: {call}.")
+            f"{through}.\n  {level.location}\n  Use the handle in the cost: {other}{args}.")

@@ -168,12 +168,29 @@ def test_calling_the_network_instead_of_module_is_caught(method):
     program = bilevel(lambda module, upper, net, lam: (net(X) - 1).pow(2).mean()
                       + (upper() ** 2).sum() * net.weight.sum(), method)
     program.step()  # only the lower level steps: nothing to check yet
-    with pytest.raises(HandleError, match=r"Program\.step \(step 1\): level 'lower' calls its "
-                       r"network directly \(e\.g\. net\(x\)\) instead of its 'module' argument: .*"
-                       r"so the hypergradient of level 'upper' through 'lower' would be exactly "
-                       r"zero\.\n .*test_handle\.py:\d+:  def lower\(module, upper\)\n  Call "
-                       r"module\(x\) in the cost, not the network object\."):
+    with pytest.raises(HandleError, match=r"Program\.step \(step 1\): level 'lower' reads its "
+                       r"network directly \(e\.g\. net\(x\)\) instead of through its 'module' "
+                       r"argument: .* so the hypergradient of level 'upper' through 'lower' would "
+                       r"be exactly zero\.\n .*test_handle\.py:\d+:  def lower\(module, upper\)\n"
+                       r"  Use module\(x\) in the cost, not the object itself\."):
         program.step()
+
+
+def test_reading_a_tensor_levels_own_tensor_directly_is_caught():
+    w, lam = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.ones(3))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1))
+    def lower(module, upper):
+        return 0.5 * (w - upper()).pow(2).sum()  # w, not module()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="aid_cg")
+    def upper(lower):
+        return lower().pow(2).sum()
+
+    with pytest.raises(HandleError, match=r"(?s)level 'lower' reads its tensor directly instead of "
+                       r"through its 'module' argument.*\n  Use module\(\) in the cost, not the "
+                       r"object itself\."):
+        mlo.Program(lower, upper).step()
 
 
 def test_reading_a_named_tensor_level_directly_is_caught():
