@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -18,8 +21,8 @@ class Handle:
 
     Inside a cost a handle behaves like the module it stands for:
 
-    - `handle(x)` runs the module's forward; `handle.encode(x)`, a method of the module's own
-      class, runs with the parameters in use too;
+    - `handle(x)` runs the module's forward; `handle.encode(x)` and `handle.effective_weight`,
+      a method or property of the module's own class, run with the parameters in use too;
     - `handle.weight` is the parameter in use; `handle.parameters()` and
       `handle.named_parameters()` yield the parameters in use (frozen ones from the module);
     - `handle.fc1`, `handle.layers[0]`, `for layer in handle.layers` give handles of submodules,
@@ -75,14 +78,16 @@ class Handle:
             raise AttributeError(f"level '{self._level.name}' is a tensor of hyperparameters; "
                                  f"call its handle to get the tensor: {self._level.name}()."
                                  f"{name}")
-        if params is not None and name in params:
-            return params[name]
-        value = getattr(module, name)
-        if params is not None and callable(value) and getattr(value, "__self__", None) is module \
-                and (name == "forward" or not hasattr(nn.Module, name)):
-            return lambda *args, **kwargs: _run(_Method(module, name), params, args, kwargs,
-                                                prefix="module.")
-        return self._view(value)
+        if params is not None:
+            if name in params:
+                return params[name]
+            member = _member(type(module), name)
+            if member == "property":
+                return _run(_Member(module, name), params, (), {})
+            if member == "method":
+                return lambda *args, **kwargs: _run(_Member(module, name, call=True), params,
+                                                    args, kwargs)
+        return self._view(getattr(module, name))
 
     def __getitem__(self, key):
         return self._view(self._module[key])
@@ -139,22 +144,35 @@ class Handle:
         return f"<handle of a {type(self._module).__name__} in level '{self._level.name}'>"
 
 
-class _Method(nn.Module):
-    """Run one method of a module as a forward, so that `functional_call` can rebind its params."""
+@functools.lru_cache(maxsize=None)
+def _member(cls: type, name: str) -> str | None:
+    """Return "method" or "property" for a member of a module's own class (not of `nn.Module`,
+    whose API, `train()` or `state_dict()`, stays the module's), else None."""
+    if hasattr(nn.Module, name) and name != "forward":
+        return None
+    member = inspect.getattr_static(cls, name, None)
+    return "property" if isinstance(member, property) else \
+        "method" if inspect.isfunction(member) else None
 
-    def __init__(self, module: nn.Module, name: str):
+
+class _Member(nn.Module):
+    """Read (or call) one member of a module as a forward, so that `functional_call` can run it
+    with other parameters."""
+
+    def __init__(self, module: nn.Module, name: str, call: bool = False):
         super().__init__()
-        self.module, self.name = module, name
+        self.module, self.name, self.call = module, name, call
 
     def forward(self, *args, **kwargs):
-        return getattr(self.module, self.name)(*args, **kwargs)
+        value = getattr(self.module, self.name)
+        return value(*args, **kwargs) if self.call else value
 
 
-def _run(module: nn.Module, params: dict, args, kwargs, prefix: str = ""):
+def _run(module: nn.Module, params: dict, args, kwargs):
     """Call `module` functionally with `params`. Buffers are passed as copies: a functional pass
     (a hypergradient) must not advance BatchNorm's running statistics, and torch.func transforms
     allow the in-place update only on copies."""
-    inner = module.module if isinstance(module, _Method) else module
+    inner, prefix = (module.module, "module.") if isinstance(module, _Member) else (module, "")
     tensors = {prefix + k: t for k, t in params.items()}
     tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
     return functional_call(module, tensors, args, kwargs, strict=False)

@@ -21,6 +21,10 @@ class Net(nn.Module):
         self.heads = nn.ModuleDict({"a": nn.Linear(1, 1)})
         self.scale = nn.Parameter(torch.tensor(2.0), requires_grad=False)  # frozen
 
+    @property
+    def doubled(self):
+        return 2 * self.fc1.weight
+
     def encode(self, x):
         return self.fc2(torch.tanh(self.fc1(x))) * self.scale
 
@@ -45,6 +49,7 @@ def test_live_handle_attributes_are_the_modules():
     assert live.training is True and live.fc2.out_features == 2
     assert dict(live.named_parameters()) == dict(net.named_parameters())
     torch.testing.assert_close(live.encode(X), net.encode(X))
+    assert torch.equal(live.doubled, net.doubled)
     torch.testing.assert_close(live.layers[0](X[:, :2]), net.layers[0](X[:, :2]))
 
 
@@ -59,6 +64,9 @@ def test_functional_handle_attributes_are_the_params_in_use():
     assert handle.params is params and len(handle.layers) == 3
     assert [type(m.params) for m in handle.layers] == [dict] * 3
     assert dict(handle.named_parameters()) == {**params, "scale": net.scale}
+    assert handle.train.__self__ is net  # nn.Module's own API stays the module's
+    torch.testing.assert_close(handle.doubled, 2 * params["fc1.weight"])
+    assert torch.autograd.grad(handle.doubled.sum(), params["fc1.weight"])[0].eq(2).all()
     assert list(handle.parameters()) == list(dict(handle.named_parameters()).values())
 
 
