@@ -82,8 +82,8 @@ class Handle:
             if name in params:
                 return params[name]
             member = _member(type(module), name)
-            if member == "property":
-                return _run(_Member(module, name), params, (), {})
+            if member == "property":  # a submodule it returns is viewed as any other
+                return self._view(_run(_Member(module, name), params, (), {}))
             if member == "method":
                 return lambda *args, **kwargs: _run(_Member(module, name, call=True), params,
                                                     args, kwargs)

@@ -25,6 +25,10 @@ class Net(nn.Module):
     def doubled(self):
         return 2 * self.fc1.weight
 
+    @property
+    def first(self):
+        return self.layers[0]
+
     def encode(self, x):
         return self.fc2(torch.tanh(self.fc1(x))) * self.scale
 
@@ -88,6 +92,7 @@ def test_functional_handle_runs_forward_methods_and_submodules_with_the_params_i
     expected = hidden @ params["layers.0.weight"].T + params["layers.0.bias"]
     torch.testing.assert_close(handle.layers[0](hidden), expected)
     torch.testing.assert_close(handle.layers[:1](hidden), expected)  # a slice: by identity
+    torch.testing.assert_close(handle.first(hidden), expected)  # a property: by identity
     grads = torch.autograd.grad(handle.encode(X).sum(), [params["fc1.weight"]])
     assert grads[0].abs().sum() > 0
 
