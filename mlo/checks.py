@@ -10,34 +10,33 @@ from .errors import MloWarning, OptimizerError
 
 
 def refuse_learned_hyperparameters(levels) -> None:
-    """Refuse an optimizer hyperparameter that is (a view of) another level's parameter.
+    """Refuse an optimizer hyperparameter given as a tensor that requires grad.
 
-    A learning rate, momentum or any hyperparameter given as a tensor is read by the optimizer's
-    update, which mlo does not differentiate: a level that owned that tensor would receive an
-    exactly zero hypergradient for it. Raised at `Program(...)` until that path is differentiable.
-    Cost: one pass over every optimizer's param groups.
+    A learning rate, momentum or any hyperparameter is read by the optimizer's update, which mlo
+    does not differentiate: a level owning that tensor (or the parameters it was computed from)
+    would receive an exactly zero hypergradient for it. Raised at `Program(...)` until that path
+    is differentiable. Cost: one pass over every optimizer's param groups.
     """
-    owners = {}
-    for lv in levels:
-        for key, p in lv.named_parameters().items():
-            if p.numel():  # an empty tensor has no storage to share
-                owners[p.untyped_storage().data_ptr()] = (lv.name, key)
     for lv in levels:
         for group in lv.optimizer.param_groups:
             for option, value in group.items():
-                if option == "params":
-                    continue
-                for t in value if isinstance(value, (tuple, list)) else (value,):
-                    if not isinstance(t, torch.Tensor):
-                        continue
-                    owner = owners.get(t.untyped_storage().data_ptr())
-                    if owner is not None and owner[0] != lv.name:
-                        raise OptimizerError(
-                            f"Program: level '{lv.name}': its optimizer's {option} is parameter "
-                            f"'{owner[1]}' of level '{owner[0]}' (or a view of it), but mlo does "
-                            f"not yet differentiate through optimizer updates, so '{owner[0]}' "
-                            f"would get an exactly zero hypergradient for it. Give {option} as a "
-                            f"number, or a tensor no level trains, until it is differentiable.")
+                values = () if option == "params" else \
+                    value if isinstance(value, (tuple, list)) else (value,)
+                for t in values:
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        raise OptimizerError(_learned(levels, lv.name, option, t))
+
+
+def _learned(levels, name: str, option: str, tensor: torch.Tensor) -> str:
+    owners = {p.untyped_storage().data_ptr(): f"parameter '{key}' of level '{lv.name}'"
+              for lv in levels for key, p in lv.named_parameters().items() if p.numel()}
+    owner = owners.get(tensor.untyped_storage().data_ptr())
+    what = f"{owner} (or a view of it)" if owner else \
+        "a tensor computed from parameters" if tensor.grad_fn else "a tensor"
+    return (f"Program: level '{name}': its optimizer's {option} is {what}, which requires grad, "
+            f"but mlo does not yet differentiate through optimizer updates: it would get an "
+            f"exactly zero hypergradient. Give {option} as a number (or a tensor that does not "
+            f"require grad) until it is differentiable.")
 
 
 def warn_fp16_on_cpu(name: str, device_type: str) -> None:

@@ -372,11 +372,16 @@ def test_step_returns_the_losses_of_the_levels_that_stepped_only(parts):
     assert program.steps == {"lower": 4, "upper": 2}
 
 
-@pytest.mark.parametrize("hyper", ["whole", "view"])
-def test_learning_rate_owned_by_an_upper_level_is_refused(parts, hyper):
+LEARNED = {"whole": r"parameter 'param' of level 'upper' \(or a view of it\)",
+           "view": r"parameter 'param' of level 'upper' \(or a view of it\)",
+           "computed": r"a tensor computed from parameters"}
+
+
+@pytest.mark.parametrize("hyper", LEARNED)
+def test_learning_rate_that_requires_grad_is_refused(parts, hyper):
     rate = torch.nn.Parameter(torch.tensor([0.1]))
     net = torch.nn.Linear(2, 1)
-    lr = rate if hyper == "whole" else rate[0]
+    lr = {"whole": rate, "view": rate[0], "computed": rate.exp()[0]}[hyper]
 
     @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=lr))
     def lower(module, upper):
@@ -387,9 +392,10 @@ def test_learning_rate_owned_by_an_upper_level_is_refused(parts, hyper):
         return lower(X).pow(2).mean()
 
     with pytest.raises(mlo.OptimizerError, match=r"Program: level 'lower': its optimizer's lr is "
-                       r"parameter 'param' of level 'upper' \(or a view of it\), but mlo does not "
-                       r"yet differentiate through optimizer updates, so 'upper' would get an "
-                       r"exactly zero hypergradient for it\. Give lr as a number"):
+                       + LEARNED[hyper] + r", which requires grad, but mlo does not yet "
+                       r"differentiate through optimizer updates: it would get an exactly zero "
+                       r"hypergradient\. Give lr as a number \(or a tensor that does not require "
+                       r"grad\) until it is differentiable\."):
         mlo.Program(lower, upper)
 
 
