@@ -216,6 +216,27 @@ def test_reading_a_named_tensor_level_directly_is_caught():
         program.step()
 
 
+def test_calling_a_named_upper_levels_network_directly_is_caught():
+    torch.manual_seed(0)
+    net, wnet = nn.Linear(3, 2), nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    y = torch.tensor([0, 1, 1, 0])
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    def classifier(module, weighting):
+        loss = nn.functional.cross_entropy(module(X), y, reduction="none")
+        return (wnet(loss.detach()[:, None]).squeeze(1) * loss).mean()  # not weighting(...)
+
+    @mlo.level(module=wnet, optimizer=torch.optim.SGD(wnet.parameters(), lr=0.1),
+               hypergrad="aid_fd")
+    def weighting(classifier):
+        return nn.functional.cross_entropy(classifier(X), y)
+
+    with pytest.raises(HandleError, match=r"(?s)Program\.step \(step 0\): level 'classifier' "
+                       r"names 'weighting' but reads its network directly.*\n  Use the handle in "
+                       r"the cost: weighting\(x\)\."):
+        mlo.Program(classifier, weighting).step()
+
+
 def test_reading_a_lower_levels_network_around_its_handle_is_caught():
     torch.manual_seed(0)
     base, head, weights = nn.Linear(3, 3), nn.Linear(3, 1), nn.Parameter(torch.zeros(3))
