@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
 from .errors import LevelError, OptimizerError, closest, quoted, where
 from .graph import Node
@@ -154,13 +155,7 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
         raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
                          f"parameters, got {type(optimizer).__name__}.")
     _check_coverage(prefix, module, optimizer)
-    if isinstance(data, torch.Tensor):
-        raise LevelError(f"{prefix} data is a tensor of shape {tuple(data.shape)}, whose batches "
-                         f"would be its single rows; pass an iterable of batches: a list such as "
-                         f"[(x, y)], or DataLoader(TensorDataset(x, y), batch_size=...).")
-    if data is not None and not hasattr(data, "__iter__"):
-        raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
-                         f"None, got {type(data).__name__}.")
+    _check_data(prefix, data)
     for key in ("unroll", "grad_accum"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
@@ -180,6 +175,20 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
             is not optimizer:
         raise LevelError(f"{prefix} the scheduler drives another optimizer; build it on this "
                          f"level's optimizer.")
+
+
+def _check_data(prefix: str, data) -> None:
+    """Require an iterable of batches; refuse what iterates one example at a time."""
+    if isinstance(data, torch.Tensor):
+        raise LevelError(f"{prefix} data is a tensor of shape {tuple(data.shape)}, whose batches "
+                         f"would be its single rows; pass an iterable of batches: a list such as "
+                         f"[(x, y)], or DataLoader(TensorDataset(x, y), batch_size=...).")
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        raise LevelError(f"{prefix} data is a {type(data).__name__}, whose items are single "
+                         f"examples, not batches; pass DataLoader(dataset, batch_size=...).")
+    if data is not None and not hasattr(data, "__iter__"):
+        raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
+                         f"None, got {type(data).__name__}.")
 
 
 def _check_int(prefix: str, key: str, value, minimum: int) -> None:

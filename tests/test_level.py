@@ -244,6 +244,14 @@ def test_tensor_data_is_refused_with_how_to_wrap_it(parts):
         mlo.level(**parts(data=torch.zeros(8, 2)))(lambda_free)
 
 
+def test_map_style_dataset_data_is_refused_with_how_to_batch_it(parts):
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8, 2))
+    with pytest.raises(mlo.LevelError, match=r"@level 'lambda_free': data is a TensorDataset, whose "
+                       r"items are single examples, not batches; pass DataLoader\(dataset, "
+                       r"batch_size=\.\.\.\)\."):
+        mlo.level(**parts(data=dataset))(lambda_free)
+
+
 def test_calling_a_trained_level_under_no_grad_keeps_no_graph(parts):
     keywords = parts()
 
