@@ -110,8 +110,13 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
     batch), `module` (this level's module, run with its current parameters) and the names of other
-    levels, each received as a handle that runs that level's module as this level must see it.
+    levels, each received as a handle that runs that level's module as this level must see it
+    (`mlo.handle.Handle`: it also gives `module.weight`, submodules and methods as in use).
     The level is recorded in `mlo.registry` under its name, replacing any earlier level of that name.
+
+    `data` yields whole batches: a tensor or a map-style `Dataset`, which yield single examples,
+    are refused (wrap them in a `DataLoader`). `fp16=True` is meant for GPUs: on CPU float16
+    autocast runs, usually slower than float32, and `Program` warns once; use `bf16=True` there.
 
     Example::
 
