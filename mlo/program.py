@@ -25,6 +25,9 @@ class Program(Runner, ChainRule):
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
     naming level, method and step; `"skip"` skips that update and counts it in `skipped`.
+    At an upper level's first step, each cost on its hypergradient paths runs once more to check
+    that it reads levels through their handles (`mlo.errors.HandleError` otherwise: a silent zero
+    hypergradient); later steps pay nothing for it.
 
     Example::
 
