@@ -30,8 +30,9 @@ class Handle:
     - any other attribute comes from the module (`handle.training`, `handle.out_features`, a
       buffer), as do `nn.Module` methods other than the two above.
 
-    The handle of a bare tensor level returns the tensor in use when called: `outer()`. The
-    handle's own attribute `params` shadows a submodule or parameter of that name. Cost: a
+    The handle of a bare tensor level returns the tensor in use when called: `outer()`. A handle
+    is not an `nn.Module` (no hooks to register, no `isinstance` match), and its own attribute
+    `params` shadows a submodule or parameter of that name. Cost: a
     parameter is a dict lookup; a submodule's share is one pass over the parameters in use.
     A cost must reach a level's parameters through its handle only: calling the network object
     itself (`net(x)`) uses its live parameters, through which no hypergradient flows; `Program`
