@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 from . import checkpoint, distributed
+from .bypass import check_handles
 from .chain import ChainRule
+from .checks import refuse_learned_hyperparameters, warn_fp16_on_cpu
 from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
 from .graph import infer
@@ -23,6 +25,9 @@ class Program(Runner, ChainRule):
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
     naming level, method and step; `"skip"` skips that update and counts it in `skipped`.
+    At an upper level's first step, each cost on its hypergradient paths runs once more to check
+    that it reads levels through their handles (`mlo.errors.HandleError` otherwise: a silent zero
+    hypergradient); later steps pay nothing for it.
 
     Example::
 
@@ -40,6 +45,7 @@ class Program(Runner, ChainRule):
         self.levels = {lv.name: lv for lv in levels}
         for lv in levels:
             lv.refresh()
+        refuse_learned_hyperparameters(levels)
         self.graph = infer([lv.node for lv in levels])
         self.global_step = 0
         self.steps = {n: 0 for n in self.levels}
@@ -58,6 +64,10 @@ class Program(Runner, ChainRule):
                     f"hypergrad='first_order' (direct gradient only).")
         self._precision = {n: Precision(lv.options.fp16, lv.options.bf16, _device_type(lv))
                            for n, lv in self.levels.items()}
+        for name, precision in self._precision.items():
+            if self.levels[name].options.fp16:
+                warn_fp16_on_cpu(name, precision.device_type)
+        self._unchecked = set(self._edges)  # upper levels whose paths' costs check_handles reads
         self._last_batch: dict[str, object] = {}
         self._windows: dict[tuple[str, str], Window] = {}
         for upper in self._edges:
@@ -77,10 +87,13 @@ class Program(Runner, ChainRule):
     # -- schedule -----------------------------------------------------------------------------
 
     def step(self, **batches) -> dict[str, float]:
-        """Perform one global step; return the losses of the levels that stepped.
+        """Perform one global step; return the losses of the levels that stepped in it.
 
-        A batch passed by level name (`program.step(classifier=(x, y))`) replaces the batch that
-        level would draw from its `data` for this step.
+        Only levels that stepped are keys: an upper level inside the unroll or warmup of the
+        levels below it is absent (`program.due(name)` says beforehand whether a level steps;
+        `program.history` keeps every level's losses). A batch passed by level name
+        (`program.step(classifier=(x, y))`) replaces the batch that level would draw from its
+        `data` for this step.
         """
         for name in batches:
             if name not in self.levels:
@@ -116,6 +129,9 @@ class Program(Runner, ChainRule):
     def _step_level(self, level: Level, batch) -> float:
         name, options = level.name, level.options
         precision = self._precision[name]
+        if name in self._unchecked:  # once: a cost that reads a module around its handle
+            self._unchecked.discard(name)
+            check_handles(self, name)
         if self.steps[name] < options.warmup:
             self._slide_windows(level)
         _clear_grads(level)
