@@ -67,6 +67,30 @@ def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[
     return "\n".join(lines)
 
 
+def method_ratios(rows: list[Row], method: str, baseline: str) -> str:
+    """A markdown table of `method` over `baseline` per case and implementation: median time and
+    peak memory ratios, pairing the cases whose labels differ only in the method's name."""
+    def key(r: Row):
+        return tuple("·" if part == r.method else part for part in r.case.split(", ")), r.impl
+
+    ok = [r for r in rows if r.status == "ok"]
+    base = {key(r): r for r in ok if r.method == baseline}
+    lines = [f"## {method} against {baseline}", "",
+             f"Each row compares one implementation's {method} case with its {baseline} case "
+             "that differs only in the method (both measured interleaved in this run): ratio = "
+             f"{method} / {baseline}.", "",
+             f"| case | implementation | {method} ms | {baseline} ms | time ratio | "
+             f"{method} peak MiB | {baseline} peak MiB | peak memory ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    pairs = [(r, base[key(r)]) for r in ok if r.method == method and key(r) in base]
+    for r, b in pairs:
+        memory = r.peak_mb / b.peak_mb if b.peak_mb else float("nan")
+        lines.append(f"| {r.case} | {r.impl} | {_fmt(r.median)} | {_fmt(b.median)} | "
+                     f"{_fmt(r.median / b.median, 2)} | {_fmt(r.peak_mb, 2)} | "
+                     f"{_fmt(b.peak_mb, 2)} | {_fmt(memory, 2)} |")
+    return "\n".join(lines) if pairs else ""
+
+
 def write(name: str, title: str, info: dict, command: str, rows: list[Row], notes: list[str],
           extra: str = "", per_case: bool = True) -> tuple[str, str]:
     """Write results/<name>.md and results/<name>.csv; return their paths."""
