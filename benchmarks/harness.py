@@ -71,6 +71,7 @@ class Row:
     status: str = "ok"           # ok | unsupported | unavailable | error
     reason: str = ""
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)   # process CPU time of the same steps
     mem_mb: list[float] = field(default_factory=list)
     loss: float = float("nan")
     diff_abs: float = float("nan")   # max |hypergrad_impl - hypergrad_handwritten|
@@ -79,6 +80,10 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms) if self.times_ms else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else float("nan")
 
     @property
     def iqr(self) -> tuple[float, float]:
@@ -264,12 +269,13 @@ def measure(program, name: str, cases: list[Case], impls: list[str], check: bool
             if not timed:
                 memory.start()
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ok = _guarded(row, runners, lambda r: r.step())
             _sync(device)
             elapsed = (time.perf_counter() - start) * 1e3
             if ok and timed:
                 row.times_ms.append(elapsed)
+                row.cpu_ms.append((time.process_time() - cpu_start) * 1e3)
             elif ok:
                 row.mem_mb.append(memory.stop())
     for row in live:
