@@ -18,10 +18,10 @@ NOTES = [
     "`.detach()` of the losses the weight net reads. aid_fd_central: DARTS' central difference "
     "−ξ [∇_φ f(θ+εv) − ∇_φ f(θ−εv)] / 2ε, r = 0.01, ε = r/‖v‖, which differences the cost's value "
     "and so also differentiates the weights' dependence on θ: a different quantity from aid_fd "
-    "(their hypergradients differ by about 70% relative here), so equal losses are expected only "
-    "within each method. aid_neumann: 3 terms, α = classifier lr. aid_cg: 3 iterations, no "
-    "damping, x0 = 0. All hypergradients are evaluated at the classifier's current parameters "
-    "on the batch of its last step.",
+    "(at the initial parameters their hypergradients differ by about 70% of the largest entry), "
+    "so equal losses are expected only within each method. aid_neumann: 3 terms, α = classifier "
+    "lr. aid_cg: 3 iterations, no damping, x0 = 0. All hypergradients are evaluated at the "
+    "classifier's current parameters on the batch of its last step.",
     "Betty 0.2.1 (ImplicitProblem): its `darts` is the central difference (aid_fd_central; it has "
     "no exact identity-Hessian product) and scales by ξ = 1 instead of the learning rate; "
     "the Betty implementation multiplies its meta loss by ξ = 0.1 so that it computes the same "
