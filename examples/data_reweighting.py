@@ -9,8 +9,9 @@ balanced meta set of 100 images (10 per class) held out of training ("Meta-Weigh
 
 Two settings (--setting):
 - noise (default): 40% of the training labels ỹ are wrong, symmetric (a uniformly random other
-  class) or class-flip (class c becomes c+1), the setting of the Meta-Weight-Net paper. The weight
-  net learns to down-weight high-loss samples, which are mostly the mislabelled ones.
+  class) or class-flip (class c becomes c+1), the setting of the Meta-Weight-Net paper, on 5,000
+  training images (all of digits' 1,197), so that the classifier can memorize the wrong labels
+  within the run. The weight net learns to down-weight high-loss samples, mostly the mislabelled.
 - imbalance: clean labels, long-tailed classes (class c keeps imbalance^(-c/9) of its images).
 
 Arms: `baseline` trains the same classifier on the same noisy set with the plain mean loss;
@@ -55,12 +56,18 @@ def mlp(*widths):
     return nn.Sequential(*layers[:-1])
 
 
+NOISY_TRAIN_SIZE = 5000
+
+
 def split(data, setting, level, seed):
     """Return the training set (noisy or long-tailed), a clean balanced 100-image meta set held
     out of it, and the test set. `level` is the noise kind or the imbalance ratio."""
     x, y = data["train"]
     x_meta, y_meta, rest = datasets.balanced_subset(x, y, per_class=10, seed=seed)
     x, y = x[rest], y[rest]
+    if setting == "noise" and len(y) > NOISY_TRAIN_SIZE:  # Fashion-MNIST: a 5k subset, so that
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))  # 2000 steps
+        x, y = x[keep[:NOISY_TRAIN_SIZE]], y[keep[:NOISY_TRAIN_SIZE]]  # are 40 epochs, as on digits
     if setting == "noise":
         train_set = (x, datasets.noisy_labels(y, data["num_classes"], 0.4, level, seed)[0])
     else:
