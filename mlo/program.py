@@ -12,6 +12,7 @@ from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
 from .graph import infer
 from .handle import Handle
+from .history import History
 from .level import Level, registry
 from .precision import Precision
 from .running import Runner
@@ -44,7 +45,7 @@ class Program(Runner, ChainRule):
         self.global_step = 0
         self.steps = {n: 0 for n in self.levels}
         self.skipped = {n: 0 for n in self.levels}
-        self.history: dict[str, list[dict]] = {n: [] for n in self.levels}
+        self.history = History(self.levels)  # bounded: see mlo.history
         self._seen = {n: {low: 0 for low in self.graph.reads(n)} for n in self.levels}
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
                        if lv.method is not None and lv.method.name != "first_order"}

@@ -37,7 +37,7 @@ class Runner:
                 row = {"step": self.global_step, **self._latest(losses)}
                 if validate is not None and ((every and (i + 1) % every == 0) or i + 1 == steps):
                     result = validate(self) or {}
-                    self.history.setdefault("validate", []).append({"step": self.global_step,
+                    self.history.series("validate").append({"step": self.global_step,
                                                                     **result})
                     row.update({f"validate/{k}": v for k, v in result.items()})
                     if monitor is not None:
