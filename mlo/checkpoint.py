@@ -131,7 +131,11 @@ def load(path) -> dict:
 
     The file's checksums are verified first (torch does not), so a truncated or corrupted file
     is reported as such rather than loaded with wrong values. Cost: two reads of the file.
+    A folder written by `run(checkpoint=...)` stands for its newest checkpoint.
     """
+    if Path(path).is_dir():
+        from .folder import latest_file  # the folder logic builds on this module
+        path = latest_file(path)
     _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -33,6 +33,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """Return this process's rank (0 when no process group is initialized)."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def smallest(value: int) -> int:
+    """Return the smallest of `value` over ranks (`value` itself in one process)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def broadcast_level(level) -> None:
     """Make this rank's parameters and buffers of `level` equal to rank 0's."""
     tensors = list(level.named_parameters().values())
@@ -91,10 +105,11 @@ def average_grads(parameters) -> None:
 
 def all_ranks(flag: bool) -> bool:
     """Return whether `flag` holds on every rank (so that all ranks skip an update together)."""
-    if world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return flag if world_size() == 1 else smallest(int(flag)) == 1
+
+
+def _device() -> torch.device:
+    """The device of the tensors that small collectives exchange (nccl only reduces CUDA ones)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
