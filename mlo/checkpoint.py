@@ -40,7 +40,8 @@ def program_state(program) -> dict:
             "last_batch": program._last_batch.get(name),
         }
     return {
-        "format": FORMAT, "world_size": distributed.world_size(), "global_step": program.global_step, "steps": dict(program.steps),
+        "format": FORMAT, "world_size": distributed.world_size(),
+        "global_step": program.global_step, "steps": dict(program.steps),
         "skipped": dict(program.skipped), "seen": program._seen, "levels": levels,
         "history": program.history.state_dict(), "windows": {f"{u}/{low}": _window_state(w)
                                                  for (u, low), w in program._windows.items()},

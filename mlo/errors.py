@@ -34,6 +34,10 @@ class CheckpointError(MloError):
     """A checkpoint cannot be loaded into this program."""
 
 
+class DistributedError(MloError):
+    """A rank failed (or stopped responding) under data parallelism, so every rank stops."""
+
+
 def closest(name: str, candidates) -> str:
     """Return a "Did you mean 'x'?" hint for the candidate closest to `name`, or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

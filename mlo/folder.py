@@ -54,12 +54,24 @@ class Folder:
         for old in self.steps()[:-self.keep]:
             self.file(old).unlink(missing_ok=True)
 
+    def _check_layout(self) -> None:
+        """Refuse a folder written by a run with another number of ranks (it would look empty)."""
+        found = [re.match(r"^step-\d+(?:\.rank(\d+))?\.pt$", f.name) for f in self.path.iterdir()]
+        ranks = {int(m.group(1)) + 1 if m.group(1) else 1 for m in found if m}
+        if ranks and not self.steps():
+            raise CheckpointError(
+                f"Program.run: the folder {self.path} holds checkpoints of a run with "
+                f"{max(ranks)} rank(s), this run has {distributed.world_size()}; each rank's "
+                f"data position, RNG state and recorded batches are its own, so resume with the "
+                f"same number of ranks.")
+
     def latest(self) -> dict | None:
         """Return the newest checkpoint that loads (the same step on every rank), or None.
 
         A file that does not load (damaged outside mlo: atomic saves never leave one) is
         skipped with a warning, falling back to the one before it.
         """
+        self._check_layout()
         step, state = -1, None
         for candidate in reversed(self.steps()):
             try:

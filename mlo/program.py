@@ -95,7 +95,8 @@ class Program(Runner, ChainRule):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                losses[name] = self._step_level(self.levels[name], batches.get(name))
+                with distributed.guard(self.global_step, name):  # one rank fails: all stop
+                    losses[name] = self._step_level(self.levels[name], batches.get(name))
         self.global_step += 1
         return losses
 
@@ -233,7 +234,10 @@ class Program(Runner, ChainRule):
         params = {low: self.levels[low].named_parameters() for low in reads}
         loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
-        if not self._finite(level, value, "loss"):
+        finite = self._finite(level, value, "loss")
+        if self._parallel:  # agree before the hypergradient's collectives, which all must join
+            finite = distributed.all_ranks(finite)
+        if not finite:
             return value, metrics, False
         scaled = precision.scale_loss(loss)
         if level.options.grad_accum > 1:
