@@ -66,8 +66,12 @@ def load_program_state(program, state: dict) -> None:
     saved, ours = set(state["levels"]), set(program.levels)
     if saved != ours:
         raise CheckpointError(f"Program.load_state_dict: the checkpoint has levels {quoted(saved)}, "
-                              f"this program has {quoted(ours)}; build the program from the same "
-                              f"levels it was saved from.")
+                              f"this program has {quoted(ours)} (missing here: "
+                              f"{quoted(saved - ours)}; not in the checkpoint: "
+                              f"{quoted(ours - saved)}); build the program from the same levels "
+                              f"it was saved from.")
+    for name, entry in state["levels"].items():
+        _check_level(program.levels[name], entry)
     for name, entry in state["levels"].items():
         _load_level(program, name, entry)
     program.global_step, program.steps = state["global_step"], dict(state["steps"])
@@ -75,6 +79,31 @@ def load_program_state(program, state: dict) -> None:
     program.history = History.from_state(state["history"])
     program._windows = {tuple(key.split("/")): _window_from(w) for key, w in state["windows"].items()}
     _set_rng_state(state["rng"])
+
+
+def _check_level(level, entry: dict) -> None:
+    """Refuse a level's saved state that does not fit it, before anything is overwritten."""
+    prefix = f"Program.load_state_dict: level '{level.name}':"
+    ours = {"param": level.module} if isinstance(level.module, torch.Tensor) \
+        else level.module.state_dict()
+    saved = {"param": entry["module"]} if isinstance(entry["module"], torch.Tensor) \
+        else entry["module"]
+    if set(saved) != set(ours):
+        raise CheckpointError(f"{prefix} the checkpoint's module has entries {quoted(set(saved) - set(ours))} "
+                              f"that this one lacks, and lacks {quoted(set(ours) - set(saved))}; "
+                              f"build the module with the architecture it was saved with.")
+    for key, tensor in ours.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{prefix} '{key}' has shape {tuple(saved[key].shape)} in the "
+                                  f"checkpoint and {tuple(tensor.shape)} here; build the module "
+                                  f"with the sizes it was saved with.")
+    groups = level.optimizer.state_dict()["param_groups"]
+    saved_groups = entry["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups] or \
+            any(set(a) - set(b) for a, b in zip(saved_groups, groups)):
+        raise CheckpointError(f"{prefix} the checkpoint's optimizer has other parameter groups "
+                              f"or hyperparameters ({sorted(set(saved_groups[0]) - {'params'})}) "
+                              f"than this level's; build the optimizer it was saved with.")
 
 
 def _load_level(program, name: str, entry: dict) -> None:

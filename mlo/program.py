@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, checks, distributed
 from .chain import ChainRule
 from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
@@ -95,7 +95,8 @@ class Program(Runner, ChainRule):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                with distributed.guard(self.global_step, name):  # one rank fails: all stop
+                with distributed.guard(self.global_step, name), \
+                        checks.explained(self, name, batches.get(name), self.global_step):
                     losses[name] = self._step_level(self.levels[name], batches.get(name))
         self.global_step += 1
         return losses
@@ -348,6 +349,7 @@ def _check_levels(levels) -> None:
                              "reserves for validation results; give it another name with "
                              "@mlo.level(name=...).")
         names.add(lv.name)
+    checks.check_shared(levels)
 
 
 def _device_type(level: Level) -> str:

@@ -236,7 +236,7 @@ def checkpointed(rank, folder):
     return {"expected": expected, "resumed": params(net, decay), "step": resumed.global_step}
 
 
-def test_checkpoint_of_two_ranks_resumes_on_two_ranks_bit_for_bit(tmp_path):
+def test_checkpoint_of_two_ranks_resumes_on_two_ranks_bit_for_bit(tmp_path, parts):
     folder = tmp_path / "run"
     results = forked(checkpointed, tmp_path, str(folder))
     for result in results:
@@ -244,11 +244,9 @@ def test_checkpoint_of_two_ranks_resumes_on_two_ranks_bit_for_bit(tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"step-000000008.rank0.pt",
                                                   "step-000000008.rank1.pt"}
 
-    level = nn.Linear(1, 1)  # any program: the world size is checked first
-
-    @mlo.level(module=level, optimizer=torch.optim.SGD(level.parameters(), lr=0.1))
+    @mlo.level(**parts())  # any program: the world size is checked first
     def alone(module):
-        return module(torch.ones(1)).sum()
+        return module(torch.ones(2)).sum()
 
     with pytest.raises(mlo.CheckpointError, match=r"holds checkpoints of a run with 2 rank\(s\), "
                                                   r"this run has 1; .* resume with the same "
