@@ -30,7 +30,8 @@ class Runner:
           `restore_best=True` then loads the state of the best validation (modules, optimizers,
           counters and history as they were at `program.best_step`).
         - `checkpoint="runs/exp1"`: a folder that receives a checkpoint every `checkpoint_every`
-          global steps and at the end (the newest `keep` are kept; see `mlo.folder.Folder`).
+          global steps (default 1000) and at the end; the newest `keep` are kept (see
+          `mlo.folder.Folder`). Each save costs one serialization and two fsyncs.
         - `resume=True`: continue from the newest checkpoint in that folder, if any, and make
           `steps` the total: the run ends at global step `steps`, however often it was
           interrupted, bit for bit as an uninterrupted run (loggers repeat the steps between
