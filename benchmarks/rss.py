@@ -3,10 +3,11 @@
 Runs a small bilevel program (per-feature weight decay of a linear regression, d = 10, batches
 of 32, the inner cost also returning a metric) for N outer steps with each method, each in a
 fresh process, and samples the resident set size every 500 steps (after `malloc_trim`, so that
-memory the allocator holds but does not use is not counted). The slope is the least-squares fit
-over the samples after the first 2,000 steps, in MB per 1,000 steps. A last row keeps the history
-as a list of dicts per step (the unbounded layout) to show what the bound saves.
-Writes benchmarks/results/rss.md. Linux only (reads /proc/self/statm).
+memory the allocator holds but does not use is not counted). Slopes are least-squares fits in MB
+per 1,000 steps: after step 2,000, and after step 10,000, where each level's history has reached
+its bound (`mlo.history.LIMIT` entries). A last row keeps the history as a list of dicts per step
+(the unbounded layout) to show what the bound saves.
+Writes benchmarks/results/rss.md and the samples to rss.csv. Linux only (reads /proc/self/statm).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 import mlo
 
 METHODS = ["itd", "aid_cg", "aid_neumann", "aid_fd", "sama", "first_order"]
-SAMPLE, SKIP = 500, 2_000
+SAMPLE, SKIP, BOUND = 500, 2_000, 10_000
 
 
 def build(method: str) -> mlo.Program:
@@ -76,9 +77,9 @@ def measure(method: str, steps: int, unbounded: bool) -> dict:
     return {"samples": samples, "held": held}
 
 
-def slope(samples: list) -> float:
-    """Least-squares slope of RSS over steps, in MB per 1,000 steps."""
-    points = [(s, r) for s, r in samples if s > SKIP]
+def slope(samples: list, after: int) -> float:
+    """Least-squares slope of RSS over the steps after `after`, in MB per 1,000 steps."""
+    points = [(s, r) for s, r in samples if s > after]
     mean_s = sum(s for s, _ in points) / len(points)
     mean_r = sum(r for _, r in points) / len(points)
     num = sum((s - mean_s) * (r - mean_r) for s, r in points)
@@ -94,7 +95,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.unbounded)))
         return
-    rows = []
+    rows, table = [], ["method,step,rss_mb"]
     for method, unbounded in [(m, False) for m in METHODS] + [("aid_fd", True)]:
         command = [sys.executable, "-m", "benchmarks.rss", "--one", method,
                    "--steps", str(args.steps)] + (["--unbounded"] if unbounded else [])
@@ -103,9 +104,12 @@ def main() -> None:
         samples = result["samples"]
         label = method + (" (history as lists of dicts)" if unbounded else "")
         rows.append(f"| {label} | {samples[0][1]:.1f} | {samples[-1][1]:.1f} | "
-                    f"{slope(samples):+.4f} | {result['held']} |")
+                    f"{slope(samples, SKIP):+.4f} | {slope(samples, BOUND):+.4f} | "
+                    f"{result['held']} |")
+        table += [f"{label},{step},{rss:.3f}" for step, rss in samples]
         print(rows[-1], flush=True)
     write(args.steps, rows)
+    (pathlib.Path(__file__).parent / "results" / "rss.csv").write_text("\n".join(table) + "\n")
 
 
 def write(steps: int, rows: list) -> None:
@@ -117,11 +121,11 @@ def write(steps: int, rows: list) -> None:
         f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} cores (shared "
         f"with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
         f"1 thread. Each method runs in a fresh process; RSS sampled every {SAMPLE} steps after "
-        f"malloc_trim; slope fitted after step {SKIP:,}.",
+        f"malloc_trim (samples in rss.csv).",
         "",
-        f"| method | RSS at step {SAMPLE} (MB) | RSS at step {steps:,} (MB) | slope (MB per "
-        f"1,000 steps) | history entries held |",
-        "|---|---:|---:|---:|---:|",
+        f"| method | RSS at step {SAMPLE} (MB) | RSS at step {steps:,} (MB) | slope after step "
+        f"{SKIP:,} (MB per 1,000 steps) | slope after step {BOUND:,} | history entries held |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows, ""]))
     print(f"wrote {out}")
 

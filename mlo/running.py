@@ -47,13 +47,8 @@ class Runner:
         """
         _check_run(steps, every, monitor, mode, patience, validate, checkpoint_every, keep,
                    resume, restore_best, checkpoint)
-        folder = Folder(checkpoint, keep) if checkpoint is not None else None
         tracker = Tracker(monitor, mode, patience)
-        if resume:
-            state = folder.latest()
-            if state is not None:
-                self.load_state_dict(state)
-                tracker.load_state_dict(state["run"])
+        folder = self._open(checkpoint, keep, resume, tracker) if checkpoint is not None else None
         end = steps if resume else self.global_step + steps
         writer, owned = loggers.resolve(log)
         bar = bars.bar(end, self.global_step, progress)
@@ -77,6 +72,20 @@ class Runner:
             self.load_state_dict(folder.load_best() if folder is not None
                                  else torch.load(io.BytesIO(tracker.kept), weights_only=True))
         return self.history
+
+    def _open(self, checkpoint, keep: int, resume: bool, tracker: "Tracker") -> Folder:
+        """Open the checkpoint folder; with `resume`, load its newest checkpoint, if any."""
+        folder = Folder(checkpoint, keep)
+        if not resume and folder.steps()[-1:] > [self.global_step]:
+            raise MloError(f"Program.run: the folder {folder.path} holds a checkpoint of step "
+                           f"{folder.steps()[-1]}, ahead of this program (step "
+                           f"{self.global_step}); pass resume=True to continue from it, or use "
+                           f"another folder.")
+        state = folder.latest() if resume else None
+        if state is not None:
+            self.load_state_dict(state)
+            tracker.load_state_dict(state["run"])
+        return folder
 
     def _run_step(self, end, validate, every, tracker, bar, folder, restore_best) -> dict:
         losses = self.step()

@@ -275,6 +275,15 @@ def test_run_arguments(options, message):
         program().run(progress=False, **options)
 
 
+def test_checkpoint_folder_of_another_run_without_resume(tmp_path):
+    program().run(4, checkpoint=tmp_path, progress=False)
+    mlo.registry.clear()
+    with pytest.raises(mlo.MloError, match=r"Program.run: the folder .* holds a checkpoint of "
+                                           r"step 4, ahead of this program \(step 0\); pass "
+                                           r"resume=True"):
+        program().run(4, checkpoint=tmp_path, progress=False)
+
+
 def test_batch_for_a_level_that_does_not_exist():
     with pytest.raises(mlo.GraphError, match=r"Program.step: got a batch for 'iner', but no level "
                                              r"has that name.*Did you mean 'inner'\?"):
