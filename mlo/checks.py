@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -57,7 +58,7 @@ def _clash(program, level, tensor, message: str) -> str | None:
             return (f"its batch is on {tensor.device}, but {owner} are on "
                     f"{param.device}; put both on one device (move the batch in the data "
                     f"pipeline, or the module with .to(device)).")
-        if tensor.dtype != param.dtype and "device" not in message:
+        if tensor.dtype != param.dtype and re.search(r"dtype|scalar type|type \(", message):
             have, want = str(tensor.dtype)[6:], str(param.dtype)[6:]
             return (f"its batch is {have}, but {owner} are {want}; use one dtype: "
                     f"convert the batch to {want} in the data pipeline, or the module with "

@@ -197,6 +197,19 @@ def test_float64_parameters_with_float32_data():
         program(dtype=torch.float64).step()
 
 
+def test_other_errors_of_a_step_are_not_explained_as_dtype_clashes():
+    net = nn.Linear(3, 1).double()
+    x = torch.ones(4, 5)  # float32 data that the cost converts; its width is the error
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=[x])
+    def converts(batch, module):
+        return module(batch.double()).mean()
+
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied") as caught:
+        mlo.Program(converts).step()
+    assert not isinstance(caught.value, mlo.MloError)
+
+
 def test_upper_level_data_of_another_dtype_than_the_lower_level():
     x = torch.ones(4, 3, dtype=torch.float64)
     inner, outer = bilevel(outer_data=[(x.float(), x.sum(1, keepdim=True))] * 2,
