@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 
 import torch
 
@@ -60,7 +61,8 @@ class Runner:
                     writer.log(row)
                 if folder is not None and (self.global_step % checkpoint_every == 0
                                            or self.global_step == end or tracker.stopped_at):
-                    folder.save(self._run_state(tracker), self.global_step)
+                    self._save(folder, tracker, last=self.global_step == end
+                               or tracker.stopped_at is not None)
         finally:
             if bar is not None:
                 bar.close()
@@ -86,6 +88,18 @@ class Runner:
             self.load_state_dict(state)
             tracker.load_state_dict(state["run"])
         return folder
+
+    def _save(self, folder: Folder, tracker: "Tracker", last: bool) -> None:
+        """Save a periodic checkpoint; if the disk refuses it (full, say), warn and go on: the
+        previous checkpoint is intact, and the next save retries. The final save must succeed."""
+        try:
+            folder.save(self._run_state(tracker), self.global_step)
+        except OSError as error:
+            if last:
+                raise
+            warnings.warn(f"Program.run (step {self.global_step}): could not save a checkpoint "
+                          f"in {folder.path} ({error}); the run goes on, the previous checkpoint "
+                          f"is intact, and the next save retries.", RuntimeWarning)
 
     def _run_step(self, end, validate, every, tracker, bar, folder, restore_best) -> dict:
         losses = self.step()

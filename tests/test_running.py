@@ -229,3 +229,20 @@ def test_one_line_per_validation_above_the_bar(capsys):
                          progress=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert lines == ["step 2/4: validate/score=2", "step 4/4: validate/score=4"]
+
+
+def test_a_full_disk_skips_a_periodic_checkpoint_with_a_warning(tmp_path, monkeypatch):
+    fit, _, _ = regression()
+    save, calls = torch.save, []
+
+    def full_once(state, file):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return save(state, file)
+
+    monkeypatch.setattr(torch, "save", full_once)
+    with pytest.warns(RuntimeWarning, match=r"Program.run \(step 2\): could not save a "
+                                            r"checkpoint .*No space left on device.*the run goes on"):
+        mlo.Program(fit).run(6, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004.pt", "step-000000006.pt"]
