@@ -89,8 +89,9 @@ def _check_level(level, entry: dict) -> None:
     saved = {"param": entry["module"]} if isinstance(entry["module"], torch.Tensor) \
         else entry["module"]
     if set(saved) != set(ours):
-        raise CheckpointError(f"{prefix} the checkpoint's module has entries {quoted(set(saved) - set(ours))} "
-                              f"that this one lacks, and lacks {quoted(set(ours) - set(saved))}; "
+        raise CheckpointError(f"{prefix} the checkpoint's module has entries "
+                              f"{quoted(set(saved) - set(ours))} that this one lacks, and lacks "
+                              f"{quoted(set(ours) - set(saved))}; "
                               f"build the module with the architecture it was saved with.")
     for key, tensor in ours.items():
         if tuple(saved[key].shape) != tuple(tensor.shape):

@@ -11,7 +11,7 @@ LIMIT = 10_000
 
 
 class Series:
-    """The entries `{"step": s, "loss": x, ...metrics}` of one level (or of validation), oldest first.
+    """The entries `{"step": s, "loss": x, ...metrics}` of one level (or validation), oldest first.
 
     Stored as columns of float64 (the step as int64), 8 bytes per value instead of a dict per
     step. Memory is bounded: when `limit` rows are held, every other row of the older half is
@@ -85,7 +85,8 @@ class Series:
         return f"<history: {len(self)} entries held of {self.count}{last}>"
 
     def state_dict(self) -> dict:
-        columns = {k: torch.tensor(c.tolist(), dtype=torch.float64) for k, c in self._columns.items()}
+        columns = {k: torch.tensor(c.tolist(), dtype=torch.float64)
+                   for k, c in self._columns.items()}
         return {"limit": self.limit, "count": self.count, "columns": columns,
                 "steps": torch.tensor(self._steps.tolist(), dtype=torch.int64)}
 

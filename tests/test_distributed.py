@@ -4,7 +4,6 @@ batches; faults stop every rank promptly; checkpoints resume per rank."""
 import datetime
 import os
 import re
-import sys
 import time
 
 import pytest
@@ -137,7 +136,8 @@ def faulty(rank, fault, method="aid_cg", on_nonfinite="raise"):
     @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.02), data=train)
     def inner(batch, module, outer):
         x, y = damaged("inner", batch)
-        return ((module(x) - y) ** 2).mean() + (outer().exp() * module.params["weight"][0] ** 2).sum()
+        weight = module.params["weight"][0]
+        return ((module(x) - y) ** 2).mean() + (outer().exp() * weight ** 2).sum()
 
     @mlo.level(module=decay, optimizer=torch.optim.SGD([decay], lr=0.2), data=val,
                hypergrad=method)
