@@ -1,4 +1,5 @@
-"""Checks that span levels (at `Program(...)`), and explanations of failures inside a level step."""
+"""Checks of what a level is given (at decoration), of what spans levels (at `Program(...)`), and
+explanations of failures inside a level step."""
 
 from __future__ import annotations
 
@@ -8,6 +9,41 @@ import re
 import torch
 
 from .errors import GraphError, LevelError
+
+
+def check_trainable(prefix: str, module, optimizer) -> None:
+    """Require something to train: trainable, materialized parameters and no negative lr."""
+    params = [module] if isinstance(module, torch.Tensor) else \
+        [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise LevelError(f"{prefix} the module has no trainable parameters (none, or all frozen), "
+                         f"so this level has nothing to learn; unfreeze some, or call the module "
+                         f"inside another level's cost instead.")
+    if any(p.is_meta for p in params):
+        raise LevelError(f"{prefix} the module's parameters are on the meta device (shapes "
+                         f"without values); materialize them first, e.g. "
+                         f"module.to_empty(device='cpu') and initialize its weights.")
+    for index, group in enumerate(optimizer.param_groups):
+        if float(group.get("lr", 0.0)) < 0:
+            raise LevelError(f"{prefix} the optimizer's param group {index} has lr={group['lr']}; "
+                             f"a negative learning rate climbs the cost. Use lr > 0 (to maximize "
+                             f"a quantity, return its negative as the loss).")
+
+
+def check_data_length(prefix: str, data, grad_accum: int) -> None:
+    """Require data with at least one batch, and at least `grad_accum` per epoch."""
+    try:
+        length = len(data) if data is not None else None
+    except TypeError:  # iterables without a length (generators, IterableDataset loaders)
+        return
+    if length == 0:
+        raise LevelError(f"{prefix} data is empty (length 0), so this level has no batch to "
+                         f"step on; pass a non-empty dataset, or data=None for a level without "
+                         f"data.")
+    if length is not None and grad_accum > length:
+        raise LevelError(f"{prefix} grad_accum={grad_accum} exceeds the {length} batches of "
+                         f"data per epoch, so one optimizer step would reuse batches; lower "
+                         f"grad_accum to at most {length}, or use smaller batches.")
 
 
 def check_shared(levels) -> None:

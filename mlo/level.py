@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checks import check_data_length, check_trainable
 from .errors import LevelError, OptimizerError, closest, quoted, where
 from .graph import Node
 from .hypergrad import Method, resolve
@@ -142,14 +143,14 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
                          f"parameters, got {type(optimizer).__name__}.")
-    _check_trainable(prefix, module, optimizer)
+    check_trainable(prefix, module, optimizer)
     _check_coverage(prefix, module, optimizer)
     if data is not None and not hasattr(data, "__iter__"):
         raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
                          f"None, got {type(data).__name__}.")
     for key in ("unroll", "grad_accum"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
-    _check_data_length(prefix, data, options.grad_accum)
+    check_data_length(prefix, data, options.grad_accum)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
     if options.clip_grad is not None and (isinstance(options.clip_grad, bool) or not (
             isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):
@@ -172,40 +173,6 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
 def _check_int(prefix: str, key: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise LevelError(f"{prefix} {key} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_trainable(prefix: str, module, optimizer) -> None:
-    """Require something to train: trainable, materialized parameters and no negative lr."""
-    params = [module] if isinstance(module, torch.Tensor) else \
-        [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise LevelError(f"{prefix} the module has no trainable parameters (none, or all frozen), "
-                         f"so this level has nothing to learn; unfreeze some, or call the module "
-                         f"inside another level's cost instead.")
-    if any(p.is_meta for p in params):
-        raise LevelError(f"{prefix} the module's parameters are on the meta device (shapes "
-                         f"without values); materialize them first, e.g. "
-                         f"module.to_empty(device='cpu') and initialize its weights.")
-    for index, group in enumerate(optimizer.param_groups):
-        if float(group.get("lr", 0.0)) < 0:
-            raise LevelError(f"{prefix} the optimizer's param group {index} has lr={group['lr']}; "
-                             f"a negative learning rate climbs the cost. Use lr > 0 (to maximize "
-                             f"a quantity, return its negative as the loss).")
-
-
-def _check_data_length(prefix: str, data, grad_accum: int) -> None:
-    try:
-        length = len(data) if data is not None else None
-    except TypeError:  # iterables without a length (generators, IterableDataset loaders)
-        return
-    if length == 0:
-        raise LevelError(f"{prefix} data is empty (length 0), so this level has no batch to "
-                         f"step on; pass a non-empty dataset, or data=None for a level without "
-                         f"data.")
-    if length is not None and grad_accum > length:
-        raise LevelError(f"{prefix} grad_accum={grad_accum} exceeds the {length} batches of "
-                         f"data per epoch, so one optimizer step would reuse batches; lower "
-                         f"grad_accum to at most {length}, or use smaller batches.")
 
 
 def _check_coverage(prefix: str, module, optimizer) -> None:
