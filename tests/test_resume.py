@@ -82,29 +82,44 @@ def finish(process, timeout=30.0):
     return process.exitcode
 
 
+def newest(folder) -> int:
+    steps = [int(name[5:-3]) for name in os.listdir(folder)
+             if name.startswith("step-") and name.endswith(".pt")] if folder.exists() else []
+    return max(steps, default=-1)
+
+
+def kill_later(process, folder, target: int, delay: float, timeout=20.0) -> None:
+    """SIGKILL `process` `delay` seconds after its checkpoint of step `target` appears."""
+    deadline = time.monotonic() + timeout
+    while process.is_alive() and newest(folder) < target and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+    process.kill()
+
+
 def test_runs_killed_twenty_times_resume_bit_for_bit(tmp_path):
     rng = random.Random(11)
     started = time.perf_counter()
     reference = launch(None, tmp_path / "reference.pt")
     assert finish(reference) == 0
-    duration = time.perf_counter() - started
+    interval = (time.perf_counter() - started) / STEPS * EVERY  # about one checkpoint's steps
 
     folder, killed, torn = tmp_path / "run", 0, 0
     phases = ["save", "replace", "fsync_folder", "unlink"]
     for trial in range(20):
-        if trial % 2:  # killed by the parent at a random moment
+        if trial % 2:  # killed by the parent at a random moment within the next checkpoints
             process = launch(folder, tmp_path / "out.pt")
-            time.sleep(rng.uniform(0.05, 0.35) * duration)
-            process.kill()
+            kill_later(process, folder, newest(folder) + EVERY * rng.randint(0, 1),
+                       rng.uniform(0, 1.5) * interval)
         else:  # killed by itself inside the atomic save, at each of its phases in turn
             process = launch(folder, tmp_path / "out.pt", (phases[trial // 2 % 4],
-                                                           rng.randint(1, 3)))
+                                                           rng.randint(1, 2)))
         killed += finish(process) == -signal.SIGKILL
         torn += any(file.name.endswith(".tmp") for file in folder.iterdir())  # killed mid-save
         for file in folder.iterdir():
             if not file.name.startswith("."):  # temporary files are not checkpoints
                 assert checkpoint.load(file)["format"] == checkpoint.FORMAT, file
-    assert killed >= 15 and torn >= 4
+    assert killed == 20 and torn >= 4 and newest(folder) < STEPS
     assert finish(launch(folder, tmp_path / "out.pt")) == 0
 
     expected = torch.load(tmp_path / "reference.pt", weights_only=True)
