@@ -246,3 +246,16 @@ def test_a_full_disk_skips_a_periodic_checkpoint_with_a_warning(tmp_path, monkey
                                             r"checkpoint .*No space left.*the run goes on"):
         mlo.Program(fit).run(6, checkpoint=tmp_path, checkpoint_every=2, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004.pt", "step-000000006.pt"]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path):
+    fit, _, _ = regression()
+    mlo.Program(fit).run(4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    newest = tmp_path / "step-000000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged outside mlo
+    mlo.registry.clear()
+    fit, _, _ = regression()
+    program = mlo.Program(fit)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-000000004.pt: .*truncated"):
+        program.run(4, checkpoint=tmp_path, resume=True, progress=False)
+    assert program.global_step == 4 and program.history["fit"][0]["step"] == 1
