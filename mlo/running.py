@@ -21,7 +21,7 @@ class Runner:
             progress: bool | None = None, monitor: str | None = None, mode: str = "min",
             patience: int | None = None, checkpoint=None, checkpoint_every: int = 1000,
             keep: int = 3, resume: bool = False, restore_best: bool = False):
-        """Run `steps` global steps; return `program.history` (per level, per step).
+        """Run `steps` global steps; return `program.history` (per level, per step; bounded).
 
         - `validate(program)` is called every `every` global steps (and after the last step); the
           numbers it returns are kept under `history["validate"]` and logged as `validate/...`.
