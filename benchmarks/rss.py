@@ -54,11 +54,15 @@ def build(method: str) -> mlo.Program:
     return mlo.Program(inner, outer)
 
 
+try:
+    LIBC = ctypes.CDLL("libc.so.6")  # loaded once: each CDLL object is itself an allocation
+except OSError:
+    LIBC = None
+
+
 def rss_mb() -> float:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
@@ -121,7 +125,9 @@ def write(steps: int, rows: list) -> None:
         f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} cores (shared "
         f"with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
         f"1 thread. Each method runs in a fresh process; RSS sampled every {SAMPLE} steps after "
-        f"malloc_trim (samples in rss.csv).",
+        f"malloc_trim (samples in rss.csv). RSS moves in 4 KB pages (0.004 MB); each level's "
+        f"history holds between 7,500 and 10,000 entries once bounded, hence the sawtooth in "
+        f"the samples.",
         "",
         f"| method | RSS at step {SAMPLE} (MB) | RSS at step {steps:,} (MB) | slope after step "
         f"{SKIP:,} (MB per 1,000 steps) | slope after step {BOUND:,} | history entries held |",
