@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import mlo
+from mlo.history import LIMIT
 
 METHODS = ["itd", "aid_cg", "aid_neumann", "aid_fd", "sama", "first_order"]
 SAMPLE, SKIP, BOUND = 500, 2_000, 10_000
@@ -126,8 +127,8 @@ def write(steps: int, rows: list) -> None:
         f"with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
         f"1 thread. Each method runs in a fresh process; RSS sampled every {SAMPLE} steps after "
         f"malloc_trim (samples in rss.csv). RSS moves in 4 KB pages (0.004 MB); each level's "
-        f"history holds between 7,500 and 10,000 entries once bounded, hence the sawtooth in "
-        f"the samples.",
+        f"history holds between {3 * LIMIT // 4:,} and {LIMIT:,} entries once bounded, hence "
+        f"the sawtooth in the samples.",
         "",
         f"| method | RSS at step {SAMPLE} (MB) | RSS at step {steps:,} (MB) | slope after step "
         f"{SKIP:,} (MB per 1,000 steps) | slope after step {BOUND:,} | history entries held |",
