@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from .checks import check_data_length, check_trainable
 from .errors import LevelError, OptimizerError, closest, quoted, where
 from .graph import Node
 from .hypergrad import Method, resolve
@@ -159,10 +160,12 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
                          f"parameters, got {type(optimizer).__name__}.")
+    check_trainable(prefix, module, optimizer)
     _check_coverage(prefix, module, optimizer)
     _check_data(prefix, data)
     for key in ("unroll", "grad_accum"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
+    check_data_length(prefix, data, options.grad_accum)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
     if options.clip_grad is not None and (isinstance(options.clip_grad, bool) or not (
             isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):

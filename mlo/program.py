@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, checks, distributed
 from .bypass import check_handles
 from .chain import ChainRule
 from .checks import refuse_learned_hyperparameters, warn_fp16_on_cpu
@@ -14,6 +14,7 @@ from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
 from .graph import infer
 from .handle import Handle
+from .history import History
 from .level import Level, registry
 from .precision import Precision
 from .running import Runner
@@ -50,7 +51,7 @@ class Program(Runner, ChainRule):
         self.global_step = 0
         self.steps = {n: 0 for n in self.levels}
         self.skipped = {n: 0 for n in self.levels}
-        self.history: dict[str, list[dict]] = {n: [] for n in self.levels}
+        self.history = History(self.levels)  # bounded: see mlo.history
         self._seen = {n: {low: 0 for low in self.graph.reads(n)} for n in self.levels}
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
                        if lv.method is not None and lv.method.name != "first_order"}
@@ -107,7 +108,9 @@ class Program(Runner, ChainRule):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                losses[name] = self._step_level(self.levels[name], batches.get(name))
+                with distributed.guard(self.global_step, name), \
+                        checks.explained(self, name, batches.get(name), self.global_step):
+                    losses[name] = self._step_level(self.levels[name], batches.get(name))
         self.global_step += 1
         return losses
 
@@ -248,7 +251,10 @@ class Program(Runner, ChainRule):
         params = {low: self.levels[low].named_parameters() for low in reads}
         loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
-        if not self._finite(level, value, "loss"):
+        finite = self._finite(level, value, "loss")
+        if self._parallel:  # agree before the hypergradient's collectives, which all must join
+            finite = distributed.all_ranks(finite)
+        if not finite:
             return value, metrics, False
         scaled = precision.scale_loss(loss)
         if level.options.grad_accum > 1:
@@ -359,6 +365,7 @@ def _check_levels(levels) -> None:
                              "reserves for validation results; give it another name with "
                              "@mlo.level(name=...).")
         names.add(lv.name)
+    checks.check_shared(levels)
 
 
 def _device_type(level: Level) -> str:

@@ -12,7 +12,7 @@ def test_every_keyword_is_accepted_and_kept():
     net = nn.Linear(2, 1)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
-    data = [torch.ones(1, 2)]
+    data = [torch.ones(1, 2)] * 2  # grad_accum=2 needs 2 batches per epoch
     method = mlo.hypergrad.aid_cg(iters=20, damping=1e-3)
 
     @mlo.level(module=net, optimizer=optimizer, data=data, hypergrad=method, unroll=3,
