@@ -25,7 +25,8 @@ def check_trainable(prefix: str, module, optimizer) -> None:
                          f"without values); materialize them first, e.g. "
                          f"module.to_empty(device='cpu') and initialize its weights.")
     for index, group in enumerate(optimizer.param_groups):
-        if float(group.get("lr", 0.0)) < 0:
+        lr = group.get("lr", 0.0)
+        if float(lr.detach() if isinstance(lr, torch.Tensor) else lr) < 0:
             raise LevelError(f"{prefix} the optimizer's param group {index} has lr={group['lr']}; "
                              f"a negative learning rate climbs the cost. Use lr > 0 (to maximize "
                              f"a quantity, return its negative as the loss).")
