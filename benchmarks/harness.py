@@ -17,7 +17,9 @@ and an *implementation* is a module of that package exposing
 
 Timing protocol: every implementation is built from the same initial parameters and data, takes
 `warmup` outer steps, then `reps` timed outer steps interleaved A B C, B C A, ... in one process,
-so machine noise (thermal state, other processes) hits all of them alike. Memory is measured on
+so machine noise (thermal state, other processes) hits all of them alike. Cases that differ only
+in their method (e.g. aid_fd and aid_fd_central at the same size and unroll) are measured in one
+such rotation, every (method, implementation) pair interleaved with every other. Memory is measured on
 `MEMORY_STEPS` further (untimed) steps, because measuring it perturbs time: the peak resident set
 size during one outer step above the resident size just before it (Linux: freed heap is returned
 to the system with malloc_trim and the kernel's high-water mark is reset through
@@ -53,7 +55,7 @@ class Case:
     """One (program, method, size) combination to measure."""
 
     label: str                   # row group in the table, e.g. "mlp 784-256-10, aid_fd, unroll 1"
-    method: str                  # aid_fd | aid_cg | aid_neumann | itd
+    method: str                  # aid_fd | aid_fd_central | aid_cg | aid_neumann | itd
     config: Any                  # the program's config dataclass
     warmup: int = 2
     reps: int = 10
@@ -69,6 +71,7 @@ class Row:
     status: str = "ok"           # ok | unsupported | unavailable | error
     reason: str = ""
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)   # process CPU time of the same steps
     mem_mb: list[float] = field(default_factory=list)
     loss: float = float("nan")
     diff_abs: float = float("nan")   # max |hypergrad_impl - hypergrad_handwritten|
@@ -77,6 +80,10 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms) if self.times_ms else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else float("nan")
 
     @property
     def iqr(self) -> tuple[float, float]:
@@ -227,51 +234,48 @@ def load(program: str, impl: str):
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def measure(program, name: str, case: Case, impls: list[str], check: bool = True,
+def measure(program, name: str, cases: list[Case], impls: list[str], check: bool = True,
             log=print) -> list[Row]:
-    """Measure every implementation in `impls` on `case`; the first one is the reference."""
-    rows, runners = [], {}
-    device = getattr(case.config, "device", "cpu")
-    for impl in impls:
-        row = Row(case.label, case.method, impl)
-        rows.append(row)
-        module, why = load(name, impl)
-        if module is None:
-            row.status, row.reason = "unavailable", why
-            continue
-        if case.method in module.UNSUPPORTED:
-            row.status, row.reason = "unsupported", module.UNSUPPORTED[case.method]
-            continue
-        try:
-            runners[impl] = module.make(case.config)
-            row.reason = getattr(runners[impl], "note", "")
-        except Exception as exc:
-            row.status, row.reason = "error", _why(exc)
-            log(f"    {impl}: make failed: {row.reason}")
-    live = [r for r in rows if r.impl in runners]
+    """Measure every implementation in `impls` on every case of `cases`, all interleaved.
 
-    for _ in range(case.warmup):
+    The cases of one call differ only in their method (same sizes, same warm-up and repetitions:
+    those of the first case), so method ratios are measured as fairly as implementation ratios.
+    The first implementation is each case's reference for the agreement check.
+    """
+    rows, runners = [], {}
+    device = getattr(cases[0].config, "device", "cpu")
+    for case in cases:
+        for impl in impls:
+            row = Row(case.label, case.method, impl)
+            rows.append(row)
+            runner = _make(name, impl, case, row, log)
+            if runner is not None:
+                runners[id(row)] = runner
+    live = [r for r in rows if id(r) in runners]
+
+    for _ in range(cases[0].warmup):
         for row in live:
             _guarded(row, runners, lambda r: r.step())
     live = [r for r in live if r.status == "ok"]
 
     memory = PeakMemory(device)
-    for rep in range(case.reps + MEMORY_STEPS):
+    for rep in range(cases[0].reps + MEMORY_STEPS):
         # rotate the order so no implementation always runs right after the same other one
         order = live[rep % len(live):] + live[:rep % len(live)] if live else []
-        timed = rep < case.reps
+        timed = rep < cases[0].reps
         for row in order:
             if row.status != "ok":
                 continue
             if not timed:
                 memory.start()
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ok = _guarded(row, runners, lambda r: r.step())
             _sync(device)
             elapsed = (time.perf_counter() - start) * 1e3
             if ok and timed:
                 row.times_ms.append(elapsed)
+                row.cpu_ms.append((time.process_time() - cpu_start) * 1e3)
             elif ok:
                 row.mem_mb.append(memory.stop())
     for row in live:
@@ -281,8 +285,28 @@ def measure(program, name: str, case: Case, impls: list[str], check: bool = True
     gc.collect()
 
     if check:
-        agreement(program, case, rows, log)
+        for case in cases:
+            agreement(program, case, [r for r in rows if r.case == case.label], log)
     return rows
+
+
+def _make(name: str, impl: str, case: Case, row: Row, log):
+    """Build `impl`'s runner for `case`, or record on `row` why there is none."""
+    module, why = load(name, impl)
+    if module is None:
+        row.status, row.reason = "unavailable", why
+        return None
+    if case.method in module.UNSUPPORTED:
+        row.status, row.reason = "unsupported", module.UNSUPPORTED[case.method]
+        return None
+    try:
+        runner = module.make(case.config)
+        row.reason = getattr(runner, "note", "")
+        return runner
+    except Exception as exc:
+        row.status, row.reason = "error", _why(exc)
+        log(f"    {impl}: make failed: {row.reason}")
+        return None
 
 
 def agreement(program, case: Case, rows: list[Row], log=print) -> None:
@@ -339,7 +363,7 @@ def _one_hypergradient(runner) -> torch.Tensor:
 
 def _guarded(row: Row, runners: dict, fn) -> bool:
     try:
-        fn(runners[row.impl])
+        fn(runners[id(row)])
         return True
     except Exception as exc:
         row.status, row.reason = "error", _why(exc)

@@ -1,22 +1,29 @@
 """Build mlo hypergradient methods with the benchmarks' shared hyperparameters.
 
-Options that this version of `mlo.hypergrad` does not accept are left at its defaults (the
-harness reports the resulting method object, whose repr shows what ran).
+Method names are the benchmarks' own: "aid_fd" is mlo's default, exact identity-Hessian product
+−ξ ∂²f/∂φ∂θ · v (`aid_fd()`), and "aid_fd_central" its central finite difference
+(`aid_fd(r=..., exact=False)`, DARTS' formula, the one Betty's `darts` computes). Other options
+that this version of `mlo.hypergrad` does not accept are left at its defaults (the harness reports
+the resulting method object, whose repr shows what ran).
 """
 
 from __future__ import annotations
 
 import inspect
 
+FACTORIES = {"aid_fd_central": "aid_fd"}  # benchmark method -> mlo.hypergrad factory
+
 
 def method(name: str, iters: int = 3, r: float = 0.01, alpha: float | None = None):
-    """Return `mlo.hypergrad.<name>(...)` with CG/Neumann iterations, FD radius and Neumann α."""
+    """Return `mlo.hypergrad.<factory>(...)` for the benchmark method `name`, with CG/Neumann
+    iterations, the finite-difference radius and Neumann α."""
     import mlo
 
-    factory = getattr(mlo.hypergrad, name)
+    factory = getattr(mlo.hypergrad, FACTORIES.get(name, name))
     wanted = {"aid_cg": {"iters": iters, "damping": 0.0},
               "aid_neumann": {"iters": iters, "alpha": alpha},
-              "aid_fd": {"r": r},
+              "aid_fd": {},
+              "aid_fd_central": {"r": r, "exact": False},
               "itd": {}}[name]
     accepted = inspect.signature(factory).parameters
     return factory(**{k: v for k, v in wanted.items() if k in accepted and v is not None})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import statistics
 from collections import OrderedDict
 
 from .harness import Row
@@ -67,6 +68,40 @@ def markdown(title: str, info: dict, command: str, rows: list[Row], notes: list[
     return "\n".join(lines)
 
 
+def method_ratios(rows: list[Row], method: str, baseline: str) -> str:
+    """A markdown table of `method` over `baseline` per case and implementation: time and peak
+    memory ratios, pairing the cases whose labels differ only in the method's name.
+
+    Three time ratios: of the medians of wall-clock time; the median of the ratios of the steps
+    taken in the same rotation (the harness interleaves them, so slow spells of a shared machine
+    cancel); and of the medians of process CPU time, which excludes time spent descheduled.
+    """
+    def key(r: Row):
+        return tuple("·" if part == r.method else part for part in r.case.split(", ")), r.impl
+
+    ok = [r for r in rows if r.status == "ok"]
+    base = {key(r): r for r in ok if r.method == baseline}
+    pairs = [(r, base[key(r)]) for r in ok if r.method == method and key(r) in base]
+    lines = [f"## {method} against {baseline}", "",
+             f"Each row compares one implementation's {method} case with its {baseline} case "
+             "that differs only in the method (measured interleaved in this run); ratios are "
+             f"{method} / {baseline}: of median wall-clock ms, median of the per-rotation ratios "
+             "(paired), of median process CPU ms, and of peak memory.", "",
+             f"| case | implementation | {method} ms | {baseline} ms | time ratio | paired | "
+             f"CPU-time ratio | {method} peak MiB | {baseline} peak MiB | peak memory ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r, b in pairs:
+        paired = [x / y for x, y in zip(r.times_ms, b.times_ms)]
+        cells = [r.median, b.median, r.median / b.median,
+                 statistics.median(paired) if paired else float("nan"),
+                 r.cpu_median / b.cpu_median]
+        memory = r.peak_mb / b.peak_mb if b.peak_mb else float("nan")
+        lines.append(f"| {r.case.replace(f', {method}', '')} | {r.impl} | {_fmt(cells[0])} | "
+                     f"{_fmt(cells[1])} | " + " | ".join(_fmt(c, 2) for c in cells[2:])
+                     + f" | {_fmt(r.peak_mb, 2)} | {_fmt(b.peak_mb, 2)} | {_fmt(memory, 2)} |")
+    return "\n".join(lines) if pairs else ""
+
+
 def write(name: str, title: str, info: dict, command: str, rows: list[Row], notes: list[str],
           extra: str = "", per_case: bool = True) -> tuple[str, str]:
     """Write results/<name>.md and results/<name>.csv; return their paths."""
@@ -78,12 +113,14 @@ def write(name: str, title: str, info: dict, command: str, rows: list[Row], note
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "method", "implementation", "status", "ms_median", "ms_q1",
-                         "ms_q3", "steps_timed", "peak_mib", "loss", "hypergrad_diff_abs",
-                         "hypergrad_diff_rel", "note"] + [f"machine_{k}" for k in info])
+                         "ms_q3", "steps_timed", "cpu_ms_median", "peak_mib", "loss",
+                         "hypergrad_diff_abs", "hypergrad_diff_rel", "note"]
+                        + [f"machine_{k}" for k in info])
         for r in rows:
             q1, q3 = r.iqr
             writer.writerow([r.case, r.method, r.impl, r.status, f"{r.median:.3f}", f"{q1:.3f}",
-                             f"{q3:.3f}", len(r.times_ms), f"{r.peak_mb:.2f}", f"{r.loss:.6g}",
-                             f"{r.diff_abs:.3g}", f"{r.diff_rel:.3g}", r.reason]
+                             f"{q3:.3f}", len(r.times_ms), f"{r.cpu_median:.3f}",
+                             f"{r.peak_mb:.2f}", f"{r.loss:.6g}", f"{r.diff_abs:.3g}",
+                             f"{r.diff_rel:.3g}", r.reason]
                             + list(info.values()))
     return md_path, csv_path

@@ -19,9 +19,9 @@ of training labels argmax ŷ that are right at the end (60% for the noisy labels
     PYTHONPATH=. python examples/label_correction.py          # about 4.5 minutes on a 2-core CPU
     PYTHONPATH=. python examples/label_correction.py --quick  # about 6 seconds (CI)
 
-The default hypergradient is "itd" with unroll 1, the one-step look-ahead of both papers. "aid_fd"
-is cheaper but differentiates through the `loss.detach()` that feeds the weight net (a finite
-difference in θ moves that input too), which here learns a worse weighting.
+The default hypergradient is "itd" with unroll 1, the one-step look-ahead of both papers; "aid_fd"
+takes the same look-ahead at the current parameters (its mixed product is exact, so it respects the
+`loss.detach()` that feeds the weight net).
 """
 
 import argparse

@@ -1,17 +1,28 @@
-"""Checkpoints of a whole `Program`: everything needed for a resumed run to continue exactly."""
+"""Checkpoints of a whole `Program`: everything needed for a resumed run to continue exactly.
+
+Files are written atomically (a temporary file in the same folder, flushed and fsynced, then
+`os.replace`d onto the target and the folder fsynced): a crash or a kill at any moment leaves
+either the old checkpoint or the new one, never a partial file.
+"""
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import tempfile
+import zipfile
+from pathlib import Path
 
 import torch
 
+from . import distributed
 from .errors import CheckpointError, quoted
+from .history import History
 from .optim import FunctionalOptimizer
 from .unroll import Window
 
-FORMAT = 1
+FORMAT = 2
 
 
 def program_state(program) -> dict:
@@ -29,9 +40,10 @@ def program_state(program) -> dict:
             "last_batch": program._last_batch.get(name),
         }
     return {
-        "format": FORMAT, "global_step": program.global_step, "steps": dict(program.steps),
+        "format": FORMAT, "world_size": distributed.world_size(),
+        "global_step": program.global_step, "steps": dict(program.steps),
         "skipped": dict(program.skipped), "seen": program._seen, "levels": levels,
-        "history": program.history, "windows": {f"{u}/{low}": _window_state(w)
+        "history": program.history.state_dict(), "windows": {f"{u}/{low}": _window_state(w)
                                                  for (u, low), w in program._windows.items()},
         "rng": _rng_state(),
     }
@@ -39,21 +51,60 @@ def program_state(program) -> dict:
 
 def load_program_state(program, state: dict) -> None:
     """Restore `program_state` output into `program`, which must have the same levels."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError("Program.load_state_dict: not an mlo checkpoint (no 'format': "
-                              f"{FORMAT}); save it with program.save(path) or state_dict().")
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError("Program.load_state_dict: not an mlo checkpoint (no 'format' "
+                              "key); save it with program.save(path) or state_dict().")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"Program.load_state_dict: the checkpoint has format "
+                              f"{state['format']!r}, this version of mlo reads format {FORMAT}; "
+                              f"load it with the mlo version that wrote it.")
+    if state["world_size"] != distributed.world_size():
+        raise CheckpointError(
+            f"Program.load_state_dict: the checkpoint was saved by {state['world_size']} rank(s), "
+            f"this run has {distributed.world_size()}; each rank's data position, RNG state and "
+            f"recorded batches are its own, so resume with the same number of ranks.")
     saved, ours = set(state["levels"]), set(program.levels)
     if saved != ours:
         raise CheckpointError(f"Program.load_state_dict: the checkpoint has levels {quoted(saved)}, "
-                              f"this program has {quoted(ours)}; build the program from the same "
-                              f"levels it was saved from.")
+                              f"this program has {quoted(ours)} (missing here: "
+                              f"{quoted(saved - ours)}; not in the checkpoint: "
+                              f"{quoted(ours - saved)}); build the program from the same levels "
+                              f"it was saved from.")
+    for name, entry in state["levels"].items():
+        _check_level(program.levels[name], entry)
     for name, entry in state["levels"].items():
         _load_level(program, name, entry)
     program.global_step, program.steps = state["global_step"], dict(state["steps"])
     program.skipped, program._seen = dict(state["skipped"]), state["seen"]
-    program.history = state["history"]
+    program.history = History.from_state(state["history"])
     program._windows = {tuple(key.split("/")): _window_from(w) for key, w in state["windows"].items()}
     _set_rng_state(state["rng"])
+
+
+def _check_level(level, entry: dict) -> None:
+    """Refuse a level's saved state that does not fit it, before anything is overwritten."""
+    prefix = f"Program.load_state_dict: level '{level.name}':"
+    ours = {"param": level.module} if isinstance(level.module, torch.Tensor) \
+        else level.module.state_dict()
+    saved = {"param": entry["module"]} if isinstance(entry["module"], torch.Tensor) \
+        else entry["module"]
+    if set(saved) != set(ours):
+        raise CheckpointError(f"{prefix} the checkpoint's module has entries "
+                              f"{quoted(set(saved) - set(ours))} that this one lacks, and lacks "
+                              f"{quoted(set(ours) - set(saved))}; "
+                              f"build the module with the architecture it was saved with.")
+    for key, tensor in ours.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{prefix} '{key}' has shape {tuple(saved[key].shape)} in the "
+                                  f"checkpoint and {tuple(tensor.shape)} here; build the module "
+                                  f"with the sizes it was saved with.")
+    groups = level.optimizer.state_dict()["param_groups"]
+    saved_groups = entry["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups] or \
+            any(set(a) - set(b) for a, b in zip(saved_groups, groups)):
+        raise CheckpointError(f"{prefix} the checkpoint's optimizer has other parameter groups "
+                              f"or hyperparameters ({sorted(set(saved_groups[0]) - {'params'})}) "
+                              f"than this level's; build the optimizer it was saved with.")
 
 
 def _load_level(program, name: str, entry: dict) -> None:
@@ -74,11 +125,49 @@ def _load_level(program, name: str, entry: dict) -> None:
 
 
 def save(state: dict, path) -> None:
-    torch.save(state, path)
+    """Write `state` to `path` atomically: the file at `path` is always a complete checkpoint.
+
+    Cost: one serialization, one fsync of the file and one of its folder.
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable: without it, a power loss can undo `os.replace`."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory descriptors (Windows) order renames themselves
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def load(path) -> dict:
-    """Read a checkpoint with `torch.load(weights_only=True)`: no arbitrary object is unpickled."""
+    """Read a checkpoint with `torch.load(weights_only=True)`: no arbitrary object is unpickled.
+
+    The file's checksums are verified first (torch does not), so a truncated or corrupted file
+    is reported as such rather than loaded with wrong values. Cost: two reads of the file.
+    A folder written by `run(checkpoint=...)` stands for its newest checkpoint.
+    """
+    if Path(path).is_dir():
+        from .folder import latest_file  # the folder logic builds on this module
+        path = latest_file(path)
+    _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
@@ -86,6 +175,26 @@ def load(path) -> dict:
             f"Program.load: refused to load {path}: it holds objects other than tensors and plain "
             f"containers, so it is not an mlo checkpoint (or it was tampered with). "
             f"Details: {str(error).splitlines()[0]}") from None
+
+
+def _check_file(path) -> None:
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"Program.load: no checkpoint at {path}; check the path.") from None
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"Program.load: {path} is not an mlo checkpoint (not a torch "
+                              f"zip file); write checkpoints with program.save(path).")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"Program.load: {path} is truncated or corrupted ({error}); it was "
+                              f"not written completely. Load an earlier checkpoint.") from None
+    if bad is not None:
+        raise CheckpointError(f"Program.load: {path} is corrupted: record '{bad}' fails its "
+                              f"checksum. Load an earlier checkpoint.")
 
 
 def _window_state(window: Window) -> dict:

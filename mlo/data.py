@@ -23,18 +23,25 @@ class Stream:
         self.epoch, self.position = 0, 0
         self._iterator = None
         self._rng = torch.get_rng_state()
+        self.last = None  # the batch drawn most recently, for explaining a failed step
 
     def next(self, step: int):
         for _ in range(2):
             if self._iterator is None:
                 self._start()
             try:
-                batch = next(self._iterator)
+                self.last = next(self._iterator)
                 self.position += 1
-                return batch
+                return self.last
             except StopIteration:
                 self._iterator = None
                 self.epoch, self.position = self.epoch + 1, 0
+            except Exception as error:
+                raise MloError(
+                    f"Program.step (step {step}): level '{self.level}': its data raised "
+                    f"{type(error).__name__} drawing batch {self.position} of epoch {self.epoch} "
+                    f"({str(error).splitlines()[0] if str(error) else ''}); the original error "
+                    f"is chained above.") from error
         raise MloError(f"Program.step (step {step}): level '{self.level}': its data yielded no "
                        f"batch after a restart; pass a re-iterable (a list or a DataLoader), not "
                        f"a one-shot iterator or an empty dataset.")

@@ -34,6 +34,19 @@ class CheckpointError(MloError):
     """A checkpoint cannot be loaded into this program."""
 
 
+class HandleError(MloError):
+    """A cost reads a level's module or tensor directly instead of through the handle it was passed,
+    so no hypergradient could flow through it."""
+
+
+class MloWarning(UserWarning):
+    """A setting that works but is probably not what was meant (e.g. fp16 on CPU)."""
+
+
+class DistributedError(MloError):
+    """A rank failed (or stopped responding) under data parallelism, so every rank stops."""
+
+
 def closest(name: str, candidates) -> str:
     """Return a "Did you mean 'x'?" hint for the candidate closest to `name`, or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

@@ -34,8 +34,8 @@ class Node:
 class Graph:
     """The inferred graph: levels lowest first, the edges of each kind, hypergradient paths.
 
-    `print(graph)` shows it as text, `graph.to_mermaid()` returns Mermaid source, and in Jupyter it
-    renders as SVG when the `graphviz` package is installed, else as a Mermaid block.
+    `print(graph)` shows it as text, `graph.to_mermaid()` returns Mermaid source, and a notebook
+    shows it as an SVG picture (`mlo.render.svg`), lowest level at the bottom.
     """
 
     order: tuple[str, ...]
@@ -98,25 +98,10 @@ class Graph:
         lines += [f"    L_{u} ==>|init| L_{low}" for u, low in self.init]
         return "\n".join(lines)
 
-    def _repr_markdown_(self) -> str:
-        return f"```mermaid\n{self.to_mermaid()}\n```"
-
-    def _repr_svg_(self) -> str | None:
-        try:
-            import graphviz
-        except ImportError:
-            return None  # Jupyter falls back to the Mermaid markdown
-        dot = graphviz.Digraph(graph_attr={"rankdir": "BT"})
-        for n in self.order:
-            dot.node(n)
-        for low, u in self.l2u:
-            dot.edge(low, u, label="solution")
-        for u, low in self.u2l:
-            dot.edge(u, low, label="params", style="dashed")
-        try:
-            return dot.pipe(format="svg").decode()
-        except Exception:  # the Python package is there but the `dot` binary is not
-            return None
+    def _repr_svg_(self) -> str:
+        """Draw the graph for Jupyter as SVG (pure Python: no graphviz or other system package)."""
+        from .render import svg
+        return svg(self)
 
 
 def infer(nodes: list[Node]) -> Graph:

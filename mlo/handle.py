@@ -2,40 +2,178 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+from torch import nn
 from torch.func import functional_call
 
 
 class Handle:
-    """Run a level's module with given parameters; `params=None` means its live parameters.
+    """A level's module as one cost must see it: the module, run with the parameters in use.
 
-    Calling the handle of an `nn.Module` level runs `module(*args, **kwargs)` functionally with
-    `params` (buffers and frozen parameters come from the module); the handle of a bare tensor
-    level returns the tensor. `handle.params` is the parameter dict in use.
+    The parameters in use, `handle.params` (trainable parameters by name), are the module's live
+    parameters in a real step, where calling the handle calls the module itself; in a hypergradient
+    pass they are the tensors mlo differentiates with respect to, and the module runs functionally
+    with them (`torch.func.functional_call`; frozen parameters and buffers come from the module,
+    buffers copied so that running statistics are not advanced by these passes).
+
+    Inside a cost a handle behaves like the module it stands for:
+
+    - `handle(x)` runs the module's forward; `handle.encode(x)` and `handle.effective_weight`,
+      a method or property of the module's own class, run with the parameters in use too;
+    - `handle.weight` is the parameter in use; `handle.parameters()` and
+      `handle.named_parameters()` yield the parameters in use (frozen ones from the module);
+    - `handle.fc1`, `handle.layers[0]`, `for layer in handle.layers` give handles of submodules,
+      holding their share of the parameters in use;
+    - any other attribute comes from the module (`handle.training`, `handle.out_features`, a
+      buffer), as do `nn.Module` methods other than the two above.
+
+    The handle of a bare tensor level returns the tensor in use when called: `outer()`. A handle
+    is not an `nn.Module` (no hooks to register, no `isinstance` match), and its own attribute
+    `params` shadows a submodule or parameter of that name. Cost: a
+    parameter is a dict lookup; a submodule's share is one pass over the parameters in use.
+    A cost must reach a level's parameters through its handle only: calling the network object
+    itself (`net(x)`) uses its live parameters, through which no hypergradient flows; `Program`
+    checks this at the first hypergradient and raises a `HandleError`.
+
+    Example::
+
+        def inner(batch, module, outer):
+            x, y = batch
+            decay = outer().exp()                        # a tensor level: call its handle
+            return F.mse_loss(module(x), y) + decay * module.weight.pow(2).sum()
     """
 
-    __slots__ = ("level", "_params")
+    __slots__ = ("_level", "_params", "_module")
 
-    def __init__(self, level, params: dict[str, torch.Tensor] | None = None):
-        self.level, self._params = level, params
+    def __init__(self, level, params: dict[str, torch.Tensor] | None = None, module=None):
+        self._level, self._params = level, params
+        self._module = level.module if module is None else module
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        return self._params if self._params is not None else self.level.named_parameters()
+        if self._params is not None:
+            return self._params
+        if self._module is self._level.module:
+            return self._level.named_parameters()
+        return {k: p for k, p in self._module.named_parameters() if p.requires_grad}
 
     def __call__(self, *args, **kwargs):
-        module = self.level.module
+        module = self._module
         if isinstance(module, torch.Tensor):
             if args or kwargs:
-                raise TypeError(f"level '{self.level.name}' is a tensor of hyperparameters; call "
+                raise TypeError(f"level '{self._level.name}' is a tensor of hyperparameters; call "
                                 f"its handle with no arguments to get it.")
             return module if self._params is None else self._params["param"]
         if self._params is None:
             return module(*args, **kwargs)
-        # Functional passes (hypergradients) run on copies of the buffers: BatchNorm's running
-        # statistics are not advanced by them, and torch.func transforms allow the in-place update
-        buffers = {k: b.clone() for k, b in module.named_buffers()}
-        return functional_call(module, {**self._params, **buffers}, args, kwargs, strict=False)
+        return _run(module, self._params, args, kwargs)
+
+    def __getattr__(self, name: str):
+        if name in Handle.__slots__:  # not yet set (copy, unpickling): no module to ask
+            raise AttributeError(name)
+        module, params = self._module, self._params
+        if isinstance(module, torch.Tensor):
+            raise AttributeError(f"level '{self._level.name}' is a tensor of hyperparameters; "
+                                 f"call its handle to get the tensor: {self._level.name}()."
+                                 f"{name}")
+        if params is not None:
+            if name in params:
+                return params[name]
+            member = _member(type(module), name)
+            if member == "property":  # a submodule it returns is viewed as any other
+                return self._view(_run(_Member(module, name), params, (), {}))
+            if member == "method":
+                return lambda *args, **kwargs: _run(_Member(module, name, call=True), params,
+                                                    args, kwargs)
+        return self._view(getattr(module, name))
+
+    def __getitem__(self, key):
+        return self._view(self._module[key])
+
+    def __iter__(self):
+        return (self._view(item) for item in self._module)
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __bool__(self) -> bool:
+        return True  # as for a module: a handle is truthy even when its module has no len()
+
+    def parameters(self):
+        """Yield the module's parameters, the trainable ones as in use (like `nn.Module`'s)."""
+        return (p for _, p in self.named_parameters())
+
+    def named_parameters(self):
+        """Yield `(name, parameter)` pairs of the module, the trainable ones as in use."""
+        if isinstance(self._module, torch.Tensor):
+            return iter(self.params.items())
+        params = self.params
+        return ((k, params.get(k, p)) for k, p in self._module.named_parameters())
+
+    def _view(self, value):
+        """Return `value`, reached from the module, as it is with the parameters in use."""
+        if isinstance(value, nn.Module):
+            return Handle(self._level, self._share(value), value)
+        if self._params is not None and isinstance(value, torch.Tensor):
+            for key, p in self._module._parameters.items():
+                if p is value:
+                    return self._params.get(key, value)
+        return value
+
+    def _share(self, child: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Return the parameters in use of a submodule, keyed as the submodule names them."""
+        if self._params is None:
+            return None
+        for key, module in self._module._modules.items():
+            if module is child:
+                prefix = key + "."
+                return {k[len(prefix):]: t for k, t in self._params.items() if k.startswith(prefix)}
+        # reached otherwise (a slice of a Sequential, a property): match parameters by identity
+        names = {id(p): k for k, p in self._module.named_parameters()}
+        return {k: self._params[names[id(p)]] for k, p in child.named_parameters()
+                if names.get(id(p)) in self._params}
+
+    def __dir__(self):
+        return sorted(set(dir(self._module)) | {"params", "parameters", "named_parameters"})
 
     def __repr__(self) -> str:
-        return f"<handle of level '{self.level.name}'>"
+        if self._module is self._level.module:
+            return f"<handle of level '{self._level.name}'>"
+        return f"<handle of a {type(self._module).__name__} in level '{self._level.name}'>"
+
+
+@functools.lru_cache(maxsize=None)
+def _member(cls: type, name: str) -> str | None:
+    """Return "method" or "property" for a member of a module's own class (not of `nn.Module`,
+    whose API, `train()` or `state_dict()`, stays the module's), else None."""
+    if hasattr(nn.Module, name) and name != "forward":
+        return None
+    member = inspect.getattr_static(cls, name, None)
+    return "property" if isinstance(member, property) else \
+        "method" if inspect.isfunction(member) else None
+
+
+class _Member(nn.Module):
+    """Read (or call) one member of a module as a forward, so that `functional_call` can run it
+    with other parameters."""
+
+    def __init__(self, module: nn.Module, name: str, call: bool = False):
+        super().__init__()
+        self.module, self.name, self.call = module, name, call
+
+    def forward(self, *args, **kwargs):
+        value = getattr(self.module, self.name)
+        return value(*args, **kwargs) if self.call else value
+
+
+def _run(module: nn.Module, params: dict, args, kwargs):
+    """Call `module` functionally with `params`. Buffers are passed as copies: a functional pass
+    (a hypergradient) must not advance BatchNorm's running statistics, and torch.func transforms
+    allow the in-place update only on copies."""
+    inner, prefix = (module.module, "module.") if isinstance(module, _Member) else (module, "")
+    tensors = {prefix + k: t for k, t in params.items()}
+    tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
+    return functional_call(module, tensors, args, kwargs, strict=False)

@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
+from .checks import check_data_length, check_trainable
 from .errors import LevelError, OptimizerError, closest, quoted, where
 from .graph import Node
 from .hypergrad import Method, resolve
@@ -56,8 +58,19 @@ class Options:
 class Level:
     """One level of a multilevel program: a cost function, its parameters, optimizer and data.
 
-    Calling a level outside a program runs its module with its current parameters (or returns the
-    tensor, for a bare hyperparameter tensor), so a trained level can be evaluated in a notebook.
+    Calling a level outside a program, `classifier(x)`, is calling its module, `net(x)`, with its
+    current parameters: it trains nothing and, as any module call, records an autograd graph
+    unless grad mode is off. To evaluate a trained level, call it under `torch.no_grad()` (or
+    `torch.inference_mode()`): its outputs then carry no graph (`requires_grad` is False) and hold
+    no activations. A bare hyperparameter tensor level returns its tensor: the parameter itself,
+    or under no_grad a detached view of it (`.clone()` it to keep a snapshot across steps).
+    Train/eval mode is the module's own: `classifier.module.eval()` before evaluating dropout or
+    batch norm.
+
+    Example::
+
+        with torch.no_grad():
+            accuracy = (classifier(x_test).argmax(1) == y_test).float().mean()
     """
 
     def __init__(self, fn: Callable, module, optimizer, data, hypergrad, name: str, options: Options):
@@ -94,7 +107,7 @@ class Level:
             if args or kwargs:
                 raise TypeError(f"level '{self.name}' is a tensor of hyperparameters; call it "
                                 f"with no arguments to get it.")
-            return self.module
+            return self.module if torch.is_grad_enabled() else self.module.detach()
         return self.module(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -109,10 +122,15 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
     batch), `module` (this level's module, run with its current parameters) and the names of other
-    levels, each received as a handle that runs that level's module as this level must see it.
+    levels, each received as a handle that runs that level's module as this level must see it
+    (`mlo.handle.Handle`: it also gives `module.weight`, submodules and methods as in use).
     The level is recorded in `mlo.registry` under its name, replacing any earlier level of that name.
     `tasks=T` makes one optimizer step of this level average T windows of the levels it reads (a
     meta-batch of T tasks, see `mlo.meta`).
+
+    `data` yields whole batches: a tensor or a map-style `Dataset`, which yield single examples,
+    are refused (wrap them in a `DataLoader`). `fp16=True` is meant for GPUs: on CPU float16
+    autocast runs, usually slower than float32, and `Program` warns once; use `bf16=True` there.
 
     Example::
 
@@ -155,12 +173,12 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LevelError(f"{prefix} optimizer must be a torch.optim.Optimizer over the module's "
                          f"parameters, got {type(optimizer).__name__}.")
+    check_trainable(prefix, module, optimizer)
     _check_coverage(prefix, module, optimizer)
-    if data is not None and not hasattr(data, "__iter__"):
-        raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
-                         f"None, got {type(data).__name__}.")
+    _check_data(prefix, data)
     for key in ("unroll", "grad_accum", "tasks"):
         _check_int(prefix, key, getattr(options, key), minimum=1)
+    check_data_length(prefix, data, options.grad_accum)
     _check_int(prefix, "warmup", options.warmup, minimum=0)
     if options.clip_grad is not None and (isinstance(options.clip_grad, bool) or not (
             isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):
@@ -178,6 +196,20 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
             is not optimizer:
         raise LevelError(f"{prefix} the scheduler drives another optimizer; build it on this "
                          f"level's optimizer.")
+
+
+def _check_data(prefix: str, data) -> None:
+    """Require an iterable of batches; refuse what iterates one example at a time."""
+    if isinstance(data, torch.Tensor):
+        raise LevelError(f"{prefix} data is a tensor of shape {tuple(data.shape)}, whose batches "
+                         f"would be its single rows; pass an iterable of batches: a list such as "
+                         f"[(x, y)], or DataLoader(TensorDataset(x, y), batch_size=...).")
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        raise LevelError(f"{prefix} data is a {type(data).__name__}, whose items are single "
+                         f"examples, not batches; pass DataLoader(dataset, batch_size=...).")
+    if data is not None and not hasattr(data, "__iter__"):
+        raise LevelError(f"{prefix} data must be an iterable of batches (e.g. a DataLoader) or "
+                         f"None, got {type(data).__name__}.")
 
 
 def _check_int(prefix: str, key: str, value, minimum: int) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint, distributed, meta
+from . import checkpoint, checks, distributed, meta
+from .bypass import check_handles
 from .chain import ChainRule
+from .checks import refuse_learned_hyperparameters, warn_fp16_on_cpu
 from .data import Stream
 from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
 from .graph import infer
 from .handle import Handle
+from .history import History
 from .level import Level, registry
 from .live import LiveUnroll, live_levels, live_uppers
 from .precision import Precision
@@ -24,6 +27,9 @@ class Program(Runner, ChainRule, LiveUnroll):
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
     naming level, method and step; `"skip"` skips that update and counts it in `skipped`.
+    At an upper level's first step, each cost on its hypergradient paths runs once more to check
+    that it reads levels through their handles (`mlo.errors.HandleError` otherwise: a silent zero
+    hypergradient); later steps pay nothing for it.
 
     Example::
 
@@ -41,11 +47,12 @@ class Program(Runner, ChainRule, LiveUnroll):
         self.levels = {lv.name: lv for lv in levels}
         for lv in levels:
             lv.refresh()
+        refuse_learned_hyperparameters(levels)
         self.graph = infer([lv.node for lv in levels])
         self.global_step = 0
         self.steps = {n: 0 for n in self.levels}
         self.skipped = {n: 0 for n in self.levels}
-        self.history: dict[str, list[dict]] = {n: [] for n in self.levels}
+        self.history = History(self.levels)  # bounded: see mlo.history
         self._seen = {n: {low: 0 for low in self.graph.reads(n)} for n in self.levels}
         self._edges = {n: self.graph.best_response_edges(n) for n, lv in self.levels.items()
                        if lv.method is not None and (lv.method.name != "first_order"
@@ -65,6 +72,10 @@ class Program(Runner, ChainRule, LiveUnroll):
                               if lv.options.tasks > 1}
         self._precision = {n: Precision(lv.options.fp16, lv.options.bf16, _device_type(lv))
                            for n, lv in self.levels.items()}
+        for name, precision in self._precision.items():
+            if self.levels[name].options.fp16:
+                warn_fp16_on_cpu(name, precision.device_type)
+        self._unchecked = set(self._edges)  # upper levels whose paths' costs check_handles reads
         self._last_batch: dict[str, object] = {}
         self._windows: dict[tuple[str, str], Window] = {}
         for upper in self._edges:
@@ -86,10 +97,13 @@ class Program(Runner, ChainRule, LiveUnroll):
     # -- schedule -----------------------------------------------------------------------------
 
     def step(self, **batches) -> dict[str, float]:
-        """Perform one global step; return the losses of the levels that stepped.
+        """Perform one global step; return the losses of the levels that stepped in it.
 
-        A batch passed by level name (`program.step(classifier=(x, y))`) replaces the batch that
-        level would draw from its `data` for this step.
+        Only levels that stepped are keys: an upper level inside the unroll or warmup of the
+        levels below it is absent (`program.due(name)` says beforehand whether a level steps;
+        `program.history` keeps every level's losses). A batch passed by level name
+        (`program.step(classifier=(x, y))`) replaces the batch that level would draw from its
+        `data` for this step.
         """
         for name in batches:
             if name not in self.levels:
@@ -103,7 +117,9 @@ class Program(Runner, ChainRule, LiveUnroll):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                loss = self._step_level(self.levels[name], batches.get(name))
+                with distributed.guard(self.global_step, name), \
+                        checks.explained(self, name, batches.get(name), self.global_step):
+                    loss = self._step_level(self.levels[name], batches.get(name))
                 if loss is not None:  # None: a task of a meta-batch, not yet a step
                     losses[name] = loss
         self.global_step += 1
@@ -127,6 +143,9 @@ class Program(Runner, ChainRule, LiveUnroll):
     def _step_level(self, level: Level, batch) -> float | None:
         name, options = level.name, level.options
         precision = self._precision[name]
+        if name in self._unchecked:  # once: a cost that reads a module around its handle
+            self._unchecked.discard(name)
+            check_handles(self, name)
         if name in self._starts and self._seen[self._starts[name]][name] == self.steps[name]:
             self._reset(level)  # no step since the upper level's last: a new window starts
         if self.steps[name] < options.warmup:
@@ -272,7 +291,10 @@ class Program(Runner, ChainRule, LiveUnroll):
         params = {low: self.levels[low].named_parameters() for low in reads}
         loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
-        if not self._finite(level, value, "loss"):
+        finite = self._finite(level, value, "loss")
+        if self._parallel:  # agree before the hypergradient's collectives, which all must join
+            finite = distributed.all_ranks(finite)
+        if not finite:
             return value, metrics, False
         scaled = precision.scale_loss(loss)
         if level.options.grad_accum * level.options.tasks > 1:
@@ -389,6 +411,7 @@ def _check_levels(levels) -> None:
                              "reserves for validation results; give it another name with "
                              "@mlo.level(name=...).")
         names.add(lv.name)
+    checks.check_shared(levels)
 
 
 def _device_type(level: Level) -> str:

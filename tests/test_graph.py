@@ -1,7 +1,5 @@
 import inspect
 import re
-import sys
-import types
 
 import pytest
 import torch
@@ -243,33 +241,6 @@ def test_mermaid_has_every_level_and_both_edge_kinds():
     dashed = [line for line in lines if "-.->" in line]
     assert len(solid) == 3 and len(dashed) == 1
     assert dashed[0] == "L_reweight -.->|params| L_pretrain"
-    assert domain_adaptation()._repr_markdown_() == f"```mermaid\n{text}\n```"
-
-
-def test_jupyter_falls_back_to_mermaid_without_graphviz(monkeypatch):
-    monkeypatch.setitem(sys.modules, "graphviz", None)  # makes `import graphviz` fail
-    assert domain_adaptation()._repr_svg_() is None
-
-
-def test_jupyter_renders_svg_with_graphviz(monkeypatch):
-    edges = []
-
-    class Digraph:
-        def __init__(self, **kwargs):
-            pass
-
-        def node(self, name):
-            pass
-
-        def edge(self, tail, head, **attributes):
-            edges.append((tail, head, attributes.get("style")))
-
-        def pipe(self, format):
-            return b"<svg/>"
-
-    monkeypatch.setitem(sys.modules, "graphviz", types.SimpleNamespace(Digraph=Digraph))
-    assert domain_adaptation()._repr_svg_() == "<svg/>"
-    assert ("reweight", "pretrain", "dashed") in edges and ("pretrain", "finetune", None) in edges
 
 
 # -- init edges (mlo.Init) -------------------------------------------------------------------------

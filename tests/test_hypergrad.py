@@ -61,7 +61,7 @@ def nonquadratic(inner, outer):
     return 0.5 * (torch.exp(lam[:1]) * w ** 2).sum() + torch.sin(w[:M] * lam).sum() + (w ** 4).sum()
 
 
-def test_aid_fd_matches_its_formula_to_second_order():
+def test_aid_fd_matches_its_formula_exactly_or_to_second_order():
     inner, outer, v = point()
     xi = 0.3
     w = inner["w"].clone().requires_grad_()
@@ -69,10 +69,12 @@ def test_aid_fd_matches_its_formula_to_second_order():
     grad_w = torch.autograd.grad(nonquadratic({"w": w}, {"lam": lam}), w, create_graph=True)[0]
     mixed = torch.autograd.grad(grad_w @ v["w"], lam)[0]
     exact = -xi * mixed
+    assert torch.allclose(aid_fd(scale=xi)(nonquadratic, inner, outer, v)["lam"], exact,
+                          atol=1e-12, rtol=0)
     norm = v["w"].norm()
-    errors = [(aid_fd(r=r, scale=xi)(nonquadratic, inner, outer, v)["lam"] - exact).norm()
-              for r in (norm * 1e-2, norm * 5e-3)]
-    assert errors[0] < 1e-3
+    errors = [(aid_fd(r=r, scale=xi, exact=False)(nonquadratic, inner, outer, v)["lam"]
+               - exact).norm() for r in (norm * 1e-2, norm * 5e-3)]
+    assert 1e-9 < errors[0] < 1e-3
     assert 3.0 < errors[0] / errors[1] < 5.0  # halving ε divides a central difference error by 4
 
 
@@ -156,18 +158,21 @@ def test_ridge_regression_hyperparameter():
     assert torch.allclose(out["log_lam"], exact, atol=1e-8, rtol=0)
 
 
-def test_aid_fd_differentiates_the_cost_value_through_detach():
-    """Documented: finite differences see the value of f, not its stop-gradients."""
+def test_aid_fd_respects_detach_and_its_finite_difference_does_not():
+    """Exact: the gradient the inner step applies; exact=False: the cost's value (documented)."""
     with_detach = lambda w, lam: (lam["lam"] * w["w"].detach() * w["w"]).sum()  # noqa: E731
     without = lambda w, lam: (lam["lam"] * w["w"] * w["w"]).sum()  # noqa: E731
     w, lam, v = {"w": torch.tensor([1.0])}, {"lam": torch.tensor([1.0])}, {"w": torch.tensor([1.0])}
     assert torch.allclose(itd(steps=1)(with_detach, w, lam, v, lr=1.0)["lam"], torch.tensor([-1.0]))
-    assert torch.allclose(aid_fd(scale=1.0)(with_detach, w, lam, v)["lam"],
-                          aid_fd(scale=1.0)(without, w, lam, v)["lam"])
-    assert torch.allclose(aid_fd(scale=1.0)(with_detach, w, lam, v)["lam"], torch.tensor([-2.0]))
+    assert torch.allclose(aid_fd(scale=1.0)(with_detach, w, lam, v)["lam"], torch.tensor([-1.0]))
+    assert torch.allclose(aid_fd(scale=1.0)(without, w, lam, v)["lam"], torch.tensor([-2.0]))
+    assert torch.allclose(aid_fd(scale=1.0, exact=False)(with_detach, w, lam, v)["lam"],
+                          torch.tensor([-2.0]))
 
 
-def test_aid_fd_with_zero_vector_is_zero():
+@pytest.mark.parametrize("exact", [True, False])
+def test_aid_fd_with_zero_vector_is_zero(exact):
     inner, outer, v = point()
-    assert torch.equal(aid_fd(scale=1.0)(inner_cost, inner, outer, {"w": torch.zeros(N, dtype=torch.float64)})["lam"],
+    zero = {"w": torch.zeros(N, dtype=torch.float64)}
+    assert torch.equal(aid_fd(scale=1.0, exact=exact)(inner_cost, inner, outer, zero)["lam"],
                        torch.zeros(M, dtype=torch.float64))

@@ -12,7 +12,7 @@ def test_every_keyword_is_accepted_and_kept():
     net = nn.Linear(2, 1)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
-    data = [torch.ones(1, 2)]
+    data = [torch.ones(1, 2)] * 2  # grad_accum=2 needs 2 batches per epoch
     method = mlo.hypergrad.aid_cg(iters=20, damping=1e-3)
 
     @mlo.level(module=net, optimizer=optimizer, data=data, hypergrad=method, unroll=3,
@@ -235,3 +235,38 @@ def test_registry_lookup_suggests_the_closest_name(parts):
 def test_empty_program():
     with pytest.raises(mlo.GraphError, match=r"Program: no levels; pass them"):
         mlo.Program()
+
+
+def test_tensor_data_is_refused_with_how_to_wrap_it(parts):
+    with pytest.raises(mlo.LevelError, match=r"@level 'lambda_free': data is a tensor of shape "
+                       r"\(8, 2\), whose batches would be its single rows; pass an iterable of "
+                       r"batches: a list such as \[\(x, y\)\], or DataLoader\(TensorDataset\(x, y\)"):
+        mlo.level(**parts(data=torch.zeros(8, 2)))(lambda_free)
+
+
+def test_map_style_dataset_data_is_refused_with_how_to_batch_it(parts):
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8, 2))
+    with pytest.raises(mlo.LevelError, match=r"@level 'lambda_free': data is a TensorDataset, whose "
+                       r"items are single examples, not batches; pass DataLoader\(dataset, "
+                       r"batch_size=\.\.\.\)\."):
+        mlo.level(**parts(data=dataset))(lambda_free)
+
+
+def test_calling_a_trained_level_under_no_grad_keeps_no_graph(parts):
+    keywords = parts()
+
+    @mlo.level(**keywords)
+    def classifier(batch, module):
+        return module(batch).pow(2).mean()
+
+    lam = nn.Parameter(torch.tensor([0.5, 2.0]))
+    hyper = mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1))(lambda_free)
+    program = mlo.Program(classifier)
+    program.step(classifier=torch.randn(4, 2))
+    x = torch.randn(4, 2)
+    assert classifier(x).requires_grad  # like calling the module: a graph outside no_grad
+    with torch.no_grad():
+        out, value = classifier(x), hyper()
+    assert not out.requires_grad and out.grad_fn is None
+    assert not value.requires_grad and torch.equal(value, lam.detach())
+    torch.testing.assert_close(out, keywords["module"](x))

@@ -6,6 +6,9 @@ from torch import nn
 
 import mlo
 
+# fp16 runs on CPU here (with the documented warning) so that loss scaling is tested without a GPU
+pytestmark = pytest.mark.filterwarnings("ignore::mlo.MloWarning")
+
 
 @pytest.fixture(autouse=True)
 def _clean_registry():

@@ -292,8 +292,9 @@ def test_itd_after_warmup_replays_only_one_unroll(parts):
 
     program = mlo.Program(lower, upper)
     program.run(7, progress=False)
-    # per global step: lower's own step, plus one replayed step (unroll=1) once upper steps
-    assert [calls.count(step) for step in range(7)] == [1, 1, 1, 1, 2, 2, 2]
+    # per global step: lower's own step, plus one replayed step (unroll=1) once upper steps; at
+    # upper's first step one more call: the one-time check that the costs use their handles
+    assert [calls.count(step) for step in range(7)] == [1, 1, 1, 1, 3, 2, 2]
 
 
 def test_level_named_validate_keeps_its_own_history(parts):
@@ -351,3 +352,64 @@ def test_itd_over_an_unsupported_optimizer_fails_when_the_program_is_built(parts
 
     with pytest.raises(mlo.OptimizerError, match=r"itd: level 'lower' uses RMSprop"):
         mlo.Program(lower, upper)
+
+
+def test_step_returns_the_losses_of_the_levels_that_stepped_only(parts):
+    @mlo.level(**parts(unroll=2))
+    def lower(module, upper):
+        return (module(X) - upper(X)).pow(2).mean()
+
+    @mlo.level(**parts("aid_fd"))
+    def upper(lower):
+        return lower(X).pow(2).mean()
+
+    program = mlo.Program(lower, upper)
+    for _ in range(4):
+        expected = {name for name in program.levels if program.due(name)}
+        losses = program.step()
+        assert set(losses) == expected
+        assert all(loss == program.history[name][-1]["loss"] for name, loss in losses.items())
+    assert program.steps == {"lower": 4, "upper": 2}
+
+
+LEARNED = {"view": r"parameter 'param' of level 'upper' \(or a view of it\)",
+           "computed": r"a tensor computed from parameters"}
+
+
+@pytest.mark.parametrize("hyper", LEARNED)
+def test_learning_rate_that_requires_grad_is_refused(parts, hyper):
+    rate = torch.nn.Parameter(torch.tensor([0.1]))
+    net = torch.nn.Linear(2, 1)
+    lr = {"view": rate[0], "computed": rate.exp()[0]}[hyper]  # the whole rate: tests/test_meta.py
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=lr))
+    def lower(module, upper):
+        return module(X).pow(2).mean() + upper().sum()
+
+    @mlo.level(module=rate, optimizer=torch.optim.SGD([rate], lr=0.1), hypergrad="itd")
+    def upper(lower):
+        return lower(X).pow(2).mean()
+
+    with pytest.raises(mlo.OptimizerError, match=r"Program: level 'lower': its optimizer's lr is "
+                       + LEARNED[hyper] + r", which requires grad, but mlo does not yet "
+                       r"differentiate through optimizer updates: it would get an exactly zero "
+                       r"hypergradient\. Give lr as a number \(or a tensor that does not require "
+                       r"grad\) until it is differentiable\."):
+        mlo.Program(lower, upper)
+
+
+def test_tensor_learning_rate_that_no_level_trains_is_accepted():
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=torch.tensor(0.5))
+    level = mlo.level(module=net, optimizer=optimizer, name="fit")(lambda module: module(X).sum())
+    before = net.bias.detach().clone()
+    mlo.Program(level).step()
+    torch.testing.assert_close(net.bias.detach(), before - 0.5 * X.shape[0])
+
+
+def test_fp16_on_cpu_warns_and_names_bf16(parts):
+    level = mlo.level(**parts(fp16=True), name="inner")(lambda module: module(X).pow(2).mean())
+    with pytest.warns(mlo.errors.MloWarning, match=r"Program: level 'inner' has fp16=True but its "
+                      r"parameters are on the CPU, .* use bf16=True on CPU"):
+        program = mlo.Program(level)
+    assert program._precision["inner"].dtype == torch.float16  # a warning, not a refusal

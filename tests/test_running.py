@@ -146,3 +146,116 @@ def test_wandb_logger_says_what_to_install():
     except ImportError:
         with pytest.raises(mlo.MloError, match=r"WandB: the wandb package is not installed"):
             mlo.loggers.WandB(project="x")
+
+
+def test_resume_makes_steps_the_total_and_keeps_the_newest_checkpoints(tmp_path):
+    fit, _, _ = regression()
+    program = mlo.Program(fit)
+    program.run(7, checkpoint=tmp_path, checkpoint_every=2, keep=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006.pt", "step-000000007.pt"]
+    program.run(7, checkpoint=tmp_path, resume=True, progress=False)
+    assert program.global_step == 7  # already at the total: nothing to do
+    mlo.registry.clear()
+    fit, net, _ = regression()
+    resumed = mlo.Program(fit)
+    resumed.run(10, checkpoint=tmp_path, checkpoint_every=2, resume=True, progress=False)
+    assert resumed.global_step == 10 and [h["step"] for h in resumed.history["fit"]] == \
+        list(range(1, 11))
+    assert mlo.Program.load(tmp_path, fit).global_step == 10  # a folder stands for its newest
+
+
+def test_restore_best_loads_the_state_of_the_best_validation(tmp_path):
+    fit, net, _ = regression()
+    scores, seen = iter([0.5, 0.9, 0.7, 0.6, 0.8]), {}
+
+    def validate(program):
+        seen[program.global_step] = net.weight.detach().clone()
+        return {"accuracy": next(scores)}
+
+    for folder in (None, tmp_path):
+        seen.clear()
+        scores = iter([0.5, 0.9, 0.7, 0.6, 0.8])
+        program = mlo.Program(fit)
+        start = program.global_step
+        program.run(50, validate=validate, every=2, monitor="accuracy", mode="max", patience=2,
+                    restore_best=True, checkpoint=folder, progress=False)
+        assert program.stopped_at == start + 8 and program.best_step == start + 4
+        assert program.global_step == start + 4 and torch.equal(net.weight, seen[start + 4])
+        assert len(program.history["validate"]) == 2  # the history as it was at the best step
+
+
+def test_resuming_a_run_that_stopped_early_does_not_train_on(tmp_path):
+    fit, net, _ = regression()
+    scores = iter([0.5, 0.4, 0.3])
+    options = dict(validate=lambda p: {"accuracy": next(scores)}, every=1, monitor="accuracy",
+                   mode="max", patience=2, checkpoint=tmp_path, resume=True, progress=False)
+    program = mlo.Program(fit)
+    program.run(20, **options)
+    weight = net.weight.detach().clone()
+    program.run(20, **options)
+    assert program.stopped_at == 3 and program.global_step == 3 and torch.equal(net.weight, weight)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(resume=True), r"resume=True needs checkpoint='folder'"),
+    (dict(restore_best=True), r"restore_best=True needs early stopping"),
+    (dict(checkpoint="x", keep=0), r"keep must be a positive integer, got 0"),
+    (dict(checkpoint="x", checkpoint_every=1.5), r"checkpoint_every must be a positive integer"),
+])
+def test_checkpoint_options_are_checked(options, message):
+    fit, _, _ = regression()
+    with pytest.raises(mlo.MloError, match=r"Program.run: " + message):
+        mlo.Program(fit).run(3, progress=False, **options)
+
+
+def test_checkpoint_folder_that_is_a_file_is_refused(tmp_path):
+    fit, _, _ = regression()
+    (tmp_path / "run").write_text("")
+    with pytest.raises(mlo.MloError, match=r"checkpoint='.*run' is a file; pass a folder"):
+        mlo.Program(fit).run(3, checkpoint=tmp_path / "run", progress=False)
+
+
+def test_validate_must_return_numbers():
+    fit, _, _ = regression()
+    with pytest.raises(mlo.MloError, match=r"Program.run \(step 2\): validate returned "
+                                           r"name='best'; history keeps numbers only"):
+        mlo.Program(fit).run(3, validate=lambda p: {"name": "best"}, every=2, progress=False)
+
+
+def test_one_line_per_validation_above_the_bar(capsys):
+    pytest.importorskip("tqdm")
+    fit, _, _ = regression()
+    mlo.Program(fit).run(4, validate=lambda p: {"score": float(p.global_step)}, every=2,
+                         progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines == ["step 2/4: validate/score=2", "step 4/4: validate/score=4"]
+
+
+def test_a_full_disk_skips_a_periodic_checkpoint_with_a_warning(tmp_path, monkeypatch):
+    fit, _, _ = regression()
+    save, calls = torch.save, []
+
+    def full_once(state, file):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return save(state, file)
+
+    monkeypatch.setattr(torch, "save", full_once)
+    with pytest.warns(RuntimeWarning, match=r"Program.run \(step 2\): could not save a "
+                                            r"checkpoint .*No space left.*the run goes on"):
+        mlo.Program(fit).run(6, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004.pt", "step-000000006.pt"]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path):
+    fit, _, _ = regression()
+    mlo.Program(fit).run(4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    newest = tmp_path / "step-000000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged outside mlo
+    mlo.registry.clear()
+    fit, _, _ = regression()
+    program = mlo.Program(fit)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-000000004.pt: .*truncated"):
+        program.run(4, checkpoint=tmp_path, resume=True, progress=False)
+    assert program.global_step == 4 and program.history["fit"][0]["step"] == 1

@@ -13,13 +13,15 @@ NOTES = [
     "(initial exp(λ) = 0.01). Synthetic data: x ~ N(0, I_d), y ~ Bernoulli(sigmoid(xᵀw_true)), "
     "1,000 training and 1,000 validation samples (quick: 200), fixed seed.",
     "aid_cg / aid_neumann: 10 iterations (CG from 0, no damping; Neumann α = inner lr); "
-    "aid_fd: ξ = inner lr, r = 0.01, ε = r/‖v‖; itd: reverse mode through the `unroll` steps.",
-    "Betty: `darts` uses ξ = 1, so the Betty implementation multiplies its validation loss by "
-    "ξ = 0.1 to compute the same hypergradient; Betty's `cg` updates the search direction with "
+    "aid_fd: the exact −ξ ∂²f/∂λ∂w · v, ξ = inner lr; aid_fd_central: its central difference, "
+    "r = 0.01, ε = r/‖v‖ (the cost has no `.detach()`, so both compute the same quantity, up to "
+    "the difference's O(ε²) error); itd: reverse mode through the `unroll` steps.",
+    "Betty: `darts` is aid_fd_central (Betty has no exact aid_fd) and uses ξ = 1, so the Betty "
+    "implementation multiplies its validation loss by ξ = 0.1 to compute the same hypergradient; Betty's `cg` updates the search direction with "
     "the old residual, so its aid_cg is not textbook CG (Δ hypergrad is a real difference; with that line "
     "corrected by a monkeypatch, `python -m benchmarks.betty_cg_check`, it agrees with the hand-written CG to 3e-7 relative); "
-    "Betty's itd (IterativeProblem) does not run with torch 2.x. TorchOpt has no aid_fd; "
-    "higher has only itd.",
+    "Betty's itd (IterativeProblem) does not run with torch 2.x. TorchOpt has no aid_fd or "
+    "aid_fd_central; higher has only itd.",
     "mlo's itd inside a Program replays the inner level's recorded steps since the outer "
     "level's last step (here all `unroll` of them); the `steps` shown in its repr is the "
     "functional core's default and is not used there.",
@@ -28,7 +30,7 @@ NOTES = [
     "compared with the hand-written one.",
 ]
 
-METHODS = ("itd", "aid_cg", "aid_neumann", "aid_fd")
+METHODS = ("itd", "aid_cg", "aid_neumann", "aid_fd", "aid_fd_central")
 
 
 def cases(quick: bool) -> list[Case]:

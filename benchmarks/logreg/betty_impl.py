@@ -21,8 +21,10 @@ from . import common
 
 get_logger().setLevel(logging.WARNING)
 
-UNSUPPORTED = {"itd": "Betty's IterativeProblem (itd) does not run with torch 2.x"}
-TYPES = {"aid_fd": "darts", "aid_neumann": "neumann", "aid_cg": "cg"}
+UNSUPPORTED = {"itd": "Betty's IterativeProblem (itd) does not run with torch 2.x",
+               "aid_fd": "Betty's `darts` is a central finite difference (aid_fd_central); it has "
+                         "no exact identity-Hessian product"}
+TYPES = {"aid_fd_central": "darts", "aid_neumann": "neumann", "aid_cg": "cg"}
 
 
 class Inner(ImplicitProblem):
@@ -55,7 +57,7 @@ class Runner:
         self.outer = Outer(name="outer", module=decay, config=BettyConfig(),
                            optimizer=common.outer_optimizer(config, decay.parameters()),
                            train_data_loader=[val])
-        if config.method == "aid_fd":
+        if config.method == "aid_fd_central":
             self.outer.scale = config.inner_lr
         self.engine = Engine(config=EngineConfig(train_iters=10**9, logger_type="none",
                                                  strategy="cpu" if config.device == "cpu"

@@ -22,7 +22,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Config:
-    method: str = "aid_cg"            # aid_fd | aid_cg | aid_neumann | itd
+    method: str = "aid_cg"            # aid_fd | aid_fd_central | aid_cg | aid_neumann | itd
     unroll: int = 100
     features: int = 100
     samples: int = 1000               # training and validation set sizes
@@ -30,7 +30,7 @@ class Config:
     inner_lr: float = 0.1             # SGD on w; also ξ of aid_fd and α of aid_neumann
     outer_lr: float = 0.05            # Adam on λ
     outer_optimizer: str = "adam"     # adam | sgd
-    r: float = 0.01                   # aid_fd radius: ε = r / ‖v‖
+    r: float = 0.01                   # aid_fd_central radius: ε = r / ‖v‖
     initial_decay: float = 1e-2       # exp(λ) at the start
     seed: int = 0
     device: str = "cpu"

@@ -1,6 +1,8 @@
 """Hand-written weight-decay logistic regression with torch.autograd, no library.
 
-Inner steps differentiate w only (λ enters as a constant); aid_fd evaluates ∇_λ f at the two
+Inner steps differentiate w only (λ enters as a constant); aid_fd is the exact
+−ξ ∂²f/∂λ∂w · v = −ξ exp(λ) ⊙ w ⊙ v, written out because λ enters f only through the penalty
+½ Σ exp(λ_j) w_j² (no pass over the data at all); aid_fd_central evaluates ∇_λ f at the two
 perturbed points, where w ± εv are constants so autograd records only the λ-dependent penalty;
 aid_cg / aid_neumann build ∇_w f once with create_graph and reuse it for every Hessian-vector
 product and the mixed product; itd records exactly the unrolled steps.
@@ -36,6 +38,8 @@ class Runner:
                     self.w.sub_(config.inner_lr * g)
             (v,) = torch.autograd.grad(common.outer_cost(self.w, self.xv, self.yv), self.w)
             if config.method == "aid_fd":
+                hypergrad = -config.inner_lr * torch.exp(self.lam.detach()) * self.w.detach() * v
+            elif config.method == "aid_fd_central":
                 hypergrad = self.finite_difference(v)
             else:
                 hypergrad = self.implicit(v)

@@ -14,7 +14,8 @@ from torch.func import grad
 from ..torchopt_common import implicit
 from . import common
 
-UNSUPPORTED = {"aid_fd": "TorchOpt has no finite-difference (DARTS) hypergradient"}
+UNSUPPORTED = {m: "TorchOpt has no identity-Hessian (DARTS) hypergradient, exact or by finite "
+                  "differences" for m in ("aid_fd", "aid_fd_central")}
 
 
 class Runner:

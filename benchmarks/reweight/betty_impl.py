@@ -2,7 +2,7 @@
 
 Betty's `darts` hypergradient uses ξ = 1; the meta loss is multiplied by ξ = classifier lr so the
 hypergradient equals DARTS' (and the other implementations') ξ-scaled one. Betty's implicit types
-map to the methods: darts = aid_fd, neumann = aid_neumann, cg = aid_cg.
+map to the methods: darts = aid_fd_central, neumann = aid_neumann, cg = aid_cg.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from . import common
 
 get_logger().setLevel(logging.WARNING)
 
-UNSUPPORTED = {"itd": "Betty's IterativeProblem (itd) does not run with torch 2.x"}
-TYPES = {"aid_fd": "darts", "aid_neumann": "neumann", "aid_cg": "cg"}
+UNSUPPORTED = {"itd": "Betty's IterativeProblem (itd) does not run with torch 2.x",
+               "aid_fd": "Betty's `darts` is a central finite difference (aid_fd_central); it has "
+                         "no exact identity-Hessian product"}
+TYPES = {"aid_fd_central": "darts", "aid_neumann": "neumann", "aid_cg": "cg"}
 
 
 class Classifier(ImplicitProblem):
@@ -57,7 +59,7 @@ class Runner:
         self.weighting = Weighting(name="weighting", module=wnet, config=BettyConfig(),
                                    optimizer=common.outer_optimizer(config, wnet.parameters()),
                                    train_data_loader=meta)
-        if config.method == "aid_fd":
+        if config.method == "aid_fd_central":
             self.weighting.scale = config.inner_lr
         problems = [self.classifier, self.weighting]
         dependencies = {"u2l": {self.weighting: [self.classifier]},

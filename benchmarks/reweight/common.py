@@ -23,7 +23,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Config:
-    method: str = "aid_fd"            # aid_fd | aid_cg | aid_neumann | itd
+    method: str = "aid_fd"            # aid_fd | aid_fd_central | aid_cg | aid_neumann | itd
     unroll: int = 1                   # classifier steps per weight-net step
     hidden: tuple = (256,)            # classifier hidden widths
     batch: int = 128
@@ -31,7 +31,7 @@ class Config:
     inner_lr: float = 0.1             # classifier SGD; also ξ of aid_fd and α of aid_neumann
     outer_lr: float = 1e-3            # weight-net Adam
     outer_optimizer: str = "adam"     # adam | sgd
-    r: float = 0.01                   # aid_fd radius: ε = r / ‖v‖
+    r: float = 0.01                   # aid_fd_central radius: ε = r / ‖v‖
     train_batches: int = 16
     meta_batches: int = 8
     noise: float = 0.4                # fraction of training labels replaced at random

@@ -2,9 +2,19 @@
 
 What makes it the speed limit:
 - inner steps differentiate the classifier only; the weight net runs under no_grad there;
-- aid_fd needs ∇_φ f(θ ± εv, φ) only, and ℓ(θ ± εv) enters f as a constant for φ, so the two
-  classifier passes are forward-only (no graph) and the one backward runs through the tiny weight
-  net on f(θ+εv) − f(θ−εv);
+- aid_fd needs −ξ ∂²f/∂φ∂θ · v = −ξ ∂/∂φ mean_i w_φ(ℓ_i) (∇ℓ_i · v), because φ enters f only
+  through the weights of the detached losses: one forward-mode pass (dual tensors of
+  `torch.autograd.forward_ad` carrying v, no graph) gives ℓ_i and ∇ℓ_i · v together, and one
+  backward runs through the tiny weight net. Measured for one hypergradient on this CPU (one
+  thread): on 784-1024-1024-10, batch 128, it took 30 ms against 43 ms for the double backward of
+  the retained gradient graph (mlo's general scheme) and for a double VJP of the per-sample
+  losses, 32 ms for `torch.func.jvp`, and 28 ms for the central difference; on 784-256-10 every
+  exact scheme took 6.0-7.4 ms with dual tensors fastest; on the quick 784-64-10, batch 32, dual
+  tensors took 0.39 ms against 0.49 (double backward) and 0.71 ms (`torch.func.jvp`, whose
+  per-call overhead shows there). The baseline uses dual tensors;
+- aid_fd_central needs ∇_φ f(θ ± εv, φ) only, and ℓ(θ ± εv) enters f as a constant for φ, so the
+  two classifier passes are forward-only (no graph) and the one backward runs through the tiny
+  weight net on f(θ+εv) − f(θ−εv);
 - aid_cg / aid_neumann build the gradient graph g = ∇_θ f once (create_graph) and reuse it for
   every Hessian-vector product and for the final mixed product ∂²f/∂φ∂θ · u;
 - itd records exactly the unrolled steps it differentiates.
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .. import linalg
 from . import common
@@ -73,12 +84,18 @@ class Runner:
             v = torch.autograd.grad(F.cross_entropy(common.mlp(self.theta, meta_x), meta_y),
                                     self.theta)
             if config.method == "aid_fd":
+                hypergrad = self.mixed_product(batch, v)
+            elif config.method == "aid_fd_central":
                 hypergrad = self.finite_difference(batch, v)
             else:
                 hypergrad = self.implicit(batch, v)
         for p, g in zip(self.phi, hypergrad):
             p.grad = g
         self.optimizer.step()
+
+    def mixed_product(self, batch, v):
+        return weighted_mixed_product(common.mlp, common.weights, self.theta, self.phi, v, batch,
+                                      self.config.inner_lr)
 
     def finite_difference(self, batch, v):
         config = self.config
@@ -128,6 +145,21 @@ class Runner:
 
     def outer_params(self):
         return self.phi
+
+
+def weighted_mixed_product(net, weights, theta, phi, v, batch, xi):
+    """Return −ξ ∂²f/∂φ∂θ · v for f = mean_i w_φ(ℓ_i.detach()) ℓ_i, ℓ_i = CE(net(θ, x_i), y_i).
+
+    ∇_θ f = mean_i w_φ(ℓ_i) ∇ℓ_i, so the product is −ξ ∂/∂φ mean_i w_φ(ℓ_i) (∇ℓ_i · v): one
+    forward-mode pass for the per-sample directional derivatives, one backward to φ.
+    """
+    x, y = batch
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t.detach(), d) for t, d in zip(theta, v)]
+        values, directional = forward_ad.unpack_dual(
+            F.cross_entropy(net(duals, x), y, reduction="none"))
+    grads = torch.autograd.grad((weights(phi, values) * directional).mean(), phi)
+    return [-xi * g for g in grads]
 
 
 def make(config: common.Config) -> Runner:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import common
 
 UNSUPPORTED = {m: "higher differentiates through unrolled optimizers only (no implicit "
-                  "differentiation)" for m in ("aid_fd", "aid_cg", "aid_neumann")}
+                  "differentiation)" for m in ("aid_fd", "aid_fd_central", "aid_cg", "aid_neumann")}
 
 
 class Runner:

@@ -20,21 +20,24 @@ from . import common
 
 TITLE = "Scaling of one hypergradient with the parameter count d"
 IMPLEMENTATIONS = ("handwritten", "mlo_impl", "explicit")
-METHODS = ("aid_cg", "aid_neumann", "aid_fd", "itd", "explicit")
+METHODS = ("aid_cg", "aid_neumann", "aid_fd", "aid_fd_central", "itd", "explicit")
 PER_CASE_TABLES = False
 NOTES = [
     "Problem: f(w, λ) = mean BCE(Xw, y) + ½ Σ exp(λ_j) w_j², X ∈ R^{64×d}, λ ∈ R^d, "
     "v = ∇_w of the validation loss; one hypergradient (dw*/dλ)ᵀ v per call, at fixed (w, λ).",
-    "aid_cg / aid_neumann: 10 iterations (Neumann α = 0.1); aid_fd: ξ = 0.1, r = 0.01; itd: 10 "
+    "aid_cg / aid_neumann: 10 iterations (Neumann α = 0.1); aid_fd: exact −ξ ∂²f/∂λ∂w · v, "
+    "ξ = 0.1 (hand-written: the closed form −ξ exp(λ) ⊙ w ⊙ v); aid_fd_central: its central "
+    "difference, r = 0.01; itd: 10 "
     "unrolled SGD steps (lr 0.1) from w, included in its time since they are what it "
     "differentiates; explicit: torch.func.hessian for H and torch.func.jacrev(grad) for the "
     "mixed Jacobian (both d×d), then torch.linalg.solve — run only while 3·d² floats fit the "
     "budget (--explicit-max-d, default 10,000).",
-    "handwritten: torch.autograd with one retained gradient graph; mlo_impl: mlo's functional "
-    "core (`mlo.hypergrad.<method>(...)(loss_fn, inner, outer, v, lr=0.1)`, no Program).",
+    "handwritten: torch.autograd with one retained gradient graph (aid_fd: no graph); mlo_impl: "
+    "mlo's functional core (`mlo.hypergrad.<method>(...)(loss_fn, inner, outer, v, lr=0.1)`, no Program).",
     "'error vs exact' measures each method's approximation, not a defect: w is not a minimiser "
-    "and the curvature is small (exp(λ) = 0.01), so 10 Neumann terms with α = 0.1, one "
-    "finite-difference step (the DARTS one-step best response) and 10 unrolled steps are far "
+    "and the curvature is small (exp(λ) = 0.01), so 10 Neumann terms with α = 0.1, the "
+    "identity Hessian (the DARTS one-step best response of aid_fd and aid_fd_central) and 10 "
+    "unrolled steps are far "
     "from the implicit answer that 10 CG iterations reach.",
     "Slopes are least-squares fits of log(ms) or log(MiB) against log(d); 'slope ≥1e4' uses only "
     "d ≥ 10,000, where fixed per-call overheads no longer dominate. Memory is the peak resident "
@@ -93,10 +96,10 @@ def run(args, info, log=print):
                     row.loss = out.norm().item()
             for row, _ in group:
                 if row.status == "ok":
-                    log(f"   d={d:>9,} {method:12s} {row.impl:12s} {row.median:10.2f} ms  "
+                    log(f"   d={d:>9,} {method:14s} {row.impl:12s} {row.median:10.2f} ms  "
                         f"peak {row.peak_mb:8.1f} MiB  Δ {row.diff_rel:.1e} rel")
                 else:
-                    log(f"   d={d:>9,} {method:12s} {row.impl:12s} {row.status}: {row.reason}")
+                    log(f"   d={d:>9,} {method:14s} {row.impl:12s} {row.status}: {row.reason}")
             for row, fn in group:
                 if row.status == "ok" and exact is not None and method != "explicit":
                     out = fn().detach().double()

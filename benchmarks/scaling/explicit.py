@@ -11,7 +11,7 @@ from torch.func import grad, hessian, jacrev
 from .common import Problem, inner_cost
 
 UNSUPPORTED = {m: "explicit matrices are a method of their own (row 'explicit')"
-               for m in ("aid_cg", "aid_neumann", "aid_fd", "itd")}
+               for m in ("aid_cg", "aid_neumann", "aid_fd", "aid_fd_central", "itd")}
 
 
 def hypergradient(method: str, p: Problem):

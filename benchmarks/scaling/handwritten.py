@@ -37,5 +37,9 @@ def hypergradient(method: str, p: Problem):
             w = w - p.lr * g
         return torch.autograd.grad(w, lam, p.v)[0]
 
-    return {"aid_cg": implicit, "aid_neumann": implicit, "aid_fd": finite_difference,
-            "itd": itd}[method]
+    def mixed_product():
+        # λ enters f only through ½ Σ exp(λ_j) w_j²: ∂²f/∂λ∂w · v = exp(λ) ⊙ w ⊙ v
+        return -p.lr * torch.exp(p.lam) * p.w * p.v
+
+    return {"aid_cg": implicit, "aid_neumann": implicit, "aid_fd": mixed_product,
+            "aid_fd_central": finite_difference, "itd": itd}[method]

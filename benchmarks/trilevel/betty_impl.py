@@ -1,10 +1,11 @@
 """The three-level program in Betty 0.2.1: three `ImplicitProblem`s; Betty finds both paths.
 
-Betty's `darts` uses ξ = 1 on every best-response VJP. To compute the same hypergradient as the
-other implementations (ξ = that level's learning rate), reweight's cost multiplies the term that
-reaches ψ through finetune and pretrain by ξ_f ξ_p, and the term through pretrain alone by ξ_p
-(ψ has no direct gradient, and each VJP is linear in its vector up to the finite-difference
-error). Betty evaluates the pretrain VJP once per path instead of once on their sum.
+Betty's `darts` (the central difference, aid_fd_central) uses ξ = 1 on every best-response VJP.
+To compute the same hypergradient as the other implementations (ξ = that level's learning rate),
+reweight's cost multiplies the term that reaches ψ through finetune and pretrain by ξ_f ξ_p,
+and the term through pretrain alone by ξ_p (ψ has no direct gradient, and each VJP is linear in
+its vector up to the finite-difference error). Betty evaluates the pretrain VJP once per path
+instead of once on their sum.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from . import common
 
 get_logger().setLevel(logging.WARNING)
 
-UNSUPPORTED: dict[str, str] = {}
-TYPES = {"aid_fd": "darts", "aid_cg": "cg"}
+UNSUPPORTED = {"aid_fd": "Betty's `darts` is a central finite difference (aid_fd_central); it has "
+                         "no exact identity-Hessian product"}
+TYPES = {"aid_fd_central": "darts", "aid_cg": "cg"}
 
 
 class Pretrain(ImplicitProblem):
@@ -77,7 +79,7 @@ class Runner:
                                  optimizer=torch.optim.Adam(wnet.parameters(),
                                                             lr=config.outer_lr),
                                  train_data_loader=val)
-        if config.method == "aid_fd":
+        if config.method == "aid_fd_central":
             self.reweight.scales = (config.pretrain_lr * config.finetune_lr, config.pretrain_lr)
         problems = [self.pretrain, self.finetune, self.reweight]
         dependencies = {"u2l": {self.reweight: [self.pretrain]},

@@ -28,7 +28,7 @@ from ..reweight.common import labelled
 
 @dataclass(frozen=True)
 class Config:
-    method: str = "aid_fd"            # aid_fd | aid_cg
+    method: str = "aid_fd"            # aid_fd | aid_fd_central | aid_cg
     hidden: int = 256
     batch: int = 128
     iters: int = 3                    # CG iterations

@@ -2,9 +2,15 @@
 
 The reweight hypergradient is one chain of best-response VJPs, right to left: the two paths
 share the pretrain VJP, so the finetune VJP's output is added to ∂C_r/∂θ_p first and the
-pretrain VJP runs once (Betty runs it once per path). aid_fd evaluates both VJPs by central
-differences (ξ = that level's learning rate); aid_cg by CG on that level's Hessian, reusing its
-gradient graph for every Hessian-vector product.
+pretrain VJP runs once (Betty runs it once per path). Each VJP is, per method:
+
+- aid_fd, the exact −ξ ∂²f/∂φ∂θ · v (ξ = that level's learning rate), written for each cost's
+  shape: θ_p enters finetune's cost only through (μ/2)‖θ_f − θ_p‖², whose mixed derivative is −μI,
+  so finetune's product is ξ_f μ v with no pass at all; ψ enters pretrain's cost only through the
+  weights of the detached losses, so pretrain's product is the reweighting program's forward-mode
+  pass (`reweight.handwritten.weighted_mixed_product`);
+- aid_fd_central, the central difference of ∇_outer f along v, with forward-only perturbed passes;
+- aid_cg, CG on that level's Hessian, reusing its gradient graph for every Hessian-vector product.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import linalg
+from ..reweight.handwritten import weighted_mixed_product
 from . import common
 
 UNSUPPORTED: dict[str, str] = {}
@@ -62,19 +69,32 @@ class Runner:
         vs = torch.autograd.grad(outer, self.theta_f + self.theta_p)
         n = len(self.theta_f)
         v_f, v_p = vs[:n], vs[n:]
-        through_f = self.vjp(self.finetune_cost, self.theta_f, self.theta_p, v_f, target,
-                             config.finetune_lr)
-        u_p = [a + b for a, b in zip(v_p, through_f)]
-        hypergrad = self.vjp(self.pretrain_cost, self.theta_p, self.psi, u_p, source,
-                             config.pretrain_lr)
+        u_p = [a + b for a, b in zip(v_p, self.finetune_vjp(v_f, target))]
+        hypergrad = self.pretrain_vjp(u_p, source)
         for p, g in zip(self.psi, hypergrad):
             p.grad = g
         self.optimizer.step()
 
+    def finetune_vjp(self, v, batch):
+        """(dθ_f*/dθ_p)ᵀ v; for aid_fd −ξ_f ∂²f_f/∂θ_p∂θ_f · v = ξ_f μ v exactly."""
+        config = self.config
+        if config.method == "aid_fd":
+            return [config.finetune_lr * config.proximal * t for t in v]
+        return self.vjp(self.finetune_cost, self.theta_f, self.theta_p, v, batch,
+                        config.finetune_lr)
+
+    def pretrain_vjp(self, v, batch):
+        """(dθ_p*/dψ)ᵀ v."""
+        config = self.config
+        if config.method == "aid_fd":
+            return weighted_mixed_product(common.mlp, common.weights, self.theta_p, self.psi, v,
+                                          batch, config.pretrain_lr)
+        return self.vjp(self.pretrain_cost, self.theta_p, self.psi, v, batch, config.pretrain_lr)
+
     def vjp(self, cost, inner, outer, v, batch, lr):
         """(d inner*/d outer)ᵀ v for the level with cost(inner, outer, batch)."""
         config = self.config
-        if config.method == "aid_fd":
+        if config.method == "aid_fd_central":
             epsilon = config.r / torch.sqrt(sum((t * t).sum() for t in v))
             with torch.no_grad():
                 plus = [t + epsilon * d for t, d in zip(inner, v)]

@@ -1,4 +1,15 @@
-"""Finite-difference hypergradients: DARTS' second-order approximation, and SAMA."""
+"""Identity-Hessian hypergradients: DARTS' second-order term (`aid_fd`) and SAMA (`sama`).
+
+Both return −ξ ∂²f/∂φ∂θ · v: the one-step unrolled best response θ − ξ∇_θ f(θ, φ), differentiated
+in φ. By default the mixed product is exact: the shared implicit kernel with the Hessian taken as
+I/ξ (one gradient graph ∇_θ f and one backward pass of ξv · ∇_θ f to φ). It differentiates the very
+gradient the inner step applies, so it respects what that step respects: `.detach()`,
+`torch.no_grad()` regions and custom autograd functions (whose backward must be differentiable, as
+for `itd` and `aid_cg`). Forward-mode schemes (`torch.func.jvp` of ∇_φ f along v) were considered
+and not used: their tangents flow through `torch.no_grad()` regions, and custom autograd functions
+would need a `jvp`. `exact=False` keeps DARTS' central finite difference of ∇_φ f along v, which
+differences the cost's *value* and so cannot see a `.detach()` inside it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,7 @@ import math
 
 import torch
 
-from ._implicit import gradients
+from ._implicit import gradients, implicit_vjp
 from ._method import Method, Params
 
 
@@ -42,55 +53,71 @@ def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Pa
     return {k: factor * d for k, d in difference.items()}
 
 
-def aid_fd(r: float = 0.01, scale: float | None = None) -> Method:
-    """Approximate the mixed second derivative by central finite differences (DARTS, T1–T2).
+def mixed_product(loss_fn, inner_params: Params, outer_params: Params, v: Params,
+                  scale: float) -> Params:
+    """Return −scale · ∂²f/∂φ∂θ · v exactly: the implicit kernel with the solve u = scale · v.
 
-    Computes (dθ*/dφ)ᵀ v ≈ −ξ [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r/‖v‖, i.e. the
-    one-step unrolled best response θ − ξ∇_θ f with ξ the inner level's current learning rate, or
-    `scale` (scale=1 is the other common convention). The radius grows for float16/bfloat16 compute.
-    Cost: two first-order forward passes and one backward pass, no second-order graph (one host
-    synchronisation, to read ‖v‖). Use it for large models.
+    Cost: one forward pass, one backward pass that keeps its graph, and one backward pass of
+    that graph to φ (no Hessian-vector product in θ).
+    """
+    def identity(hvp, w: Params) -> Params:
+        return {k: scale * t for k, t in w.items()}
 
-    It differences the cost's *value*, so it cannot see a `.detach()` inside the inner cost: for
-    a cost such as Meta-Weight-Net's Σ w_φ(ℓ(θ).detach()) ℓ(θ) it also differentiates the weights'
-    dependence on θ, which the inner gradient (and `itd`, `aid_cg`, `aid_neumann`) ignore. Use one
-    of those where the inner cost stops gradients and the exact mixed product matters.
+    return implicit_vjp(loss_fn, inner_params, outer_params, v, identity)
+
+
+def aid_fd(r: float = 0.01, scale: float | None = None, exact: bool = True) -> Method:
+    """Take the Hessian as the identity: the one-step unrolled best response (DARTS, T1–T2).
+
+    Computes (dθ*/dφ)ᵀ v ≈ −ξ ∂²f/∂φ∂θ · v, with ξ the inner level's current learning rate, or
+    `scale` (scale=1 is the other common convention). With `exact=True` (default) the mixed
+    product is exact and respects `.detach()`, `torch.no_grad()` and custom autograd functions in
+    the inner cost, as `itd` and `aid_cg` do; cost: one forward and two backward passes. With
+    `exact=False` it is DARTS' central difference −ξ [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε,
+    ε = r/‖v‖ (the radius grows for float16/bfloat16 compute): two forward passes and one backward
+    pass with no second-order graph, but it differences the cost's value, so a `.detach()` inside
+    the inner cost is not respected (for Meta-Weight-Net's Σ w_φ(ℓ(θ).detach()) ℓ(θ) it also
+    differentiates the weights' dependence on θ). `r` is used only when `exact=False`.
 
     >>> import torch
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
     >>> out = aid_fd(scale=1.0)(f, {"w": torch.zeros(2)}, {"lam": torch.ones(2)}, {"w": torch.ones(2)})
-    >>> torch.allclose(out["lam"], torch.ones(2))
-    True
+    >>> out["lam"]
+    tensor([1., 1.])
     """
     def method(loss_fn, inner_params, outer_params, v, *, lr=None, dtype=None, **context):
         xi = _xi("aid_fd", scale, lr)
+        if exact:
+            return mixed_product(loss_fn, inner_params, outer_params, v, xi)
         return finite_difference(loss_fn, inner_params, outer_params, v, radius_for(r, dtype), xi)
 
-    return Method("aid_fd", method, (("r", r), ("scale", scale)))
+    return Method("aid_fd", method, (("r", r), ("scale", scale), ("exact", exact)))
 
 
-def sama(r: float = 0.01, scale: float | None = None) -> Method:
-    """Finite differences with v preconditioned by the inner optimizer's update rule (SAMA).
+def sama(r: float = 0.01, scale: float | None = None, exact: bool = True) -> Method:
+    """Identity-Hessian hypergradient with v preconditioned by the inner optimizer (SAMA).
 
-    Computes `aid_fd` applied to P v, where P ≈ ∂(update)/∂(gradient) is diagonal: for Adam and
-    AdamW P = 1/(√v̂ + eps) from the optimizer's second-moment state (bias-corrected); for SGD, for
-    optimizers without a functional mirror, and before the first step P = I. Cost: as `aid_fd`,
-    whose note on `.detach()` applies too. Use it when the inner level trains with Adam.
+    Computes `aid_fd` (same `exact` and `r`) applied to P v, where P ≈ ∂(update)/∂(gradient) is
+    diagonal: for Adam and AdamW P = 1/(√v̂ + eps) from the optimizer's second-moment state
+    (bias-corrected); for SGD, for optimizers without a functional mirror, and before the first
+    step P = I. Cost: as `aid_fd`. Use it when the inner level trains with Adam.
 
     >>> import torch
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
     >>> out = sama(scale=1.0)(f, {"w": torch.zeros(2)}, {"lam": torch.ones(2)}, {"w": torch.ones(2)})
-    >>> torch.allclose(out["lam"], torch.ones(2))
-    True
+    >>> out["lam"]
+    tensor([1., 1.])
     """
-    def method(loss_fn, inner_params, outer_params, v, *, lr=None, dtype=None, optimizer=None,
-               state=None, **context):
-        xi = _xi("sama", scale, lr)
+    identity_hessian = aid_fd(r, scale, exact)
+
+    def method(loss_fn, inner_params, outer_params, v, *, lr=None, optimizer=None, state=None,
+               **context):
+        _xi("sama", scale, lr)
         if optimizer is not None:
             v = optimizer.precondition(v, state if state is not None else {})
-        return finite_difference(loss_fn, inner_params, outer_params, v, radius_for(r, dtype), xi)
+        return identity_hessian(loss_fn, inner_params, outer_params, v, lr=lr, **context)
 
-    return Method("sama", method, (("r", r), ("scale", scale)))
+    return Method("sama", method, (("r", r), ("scale", scale), ("exact", exact)))
 
 
 def _xi(name: str, scale, lr) -> float:
