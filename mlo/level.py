@@ -42,6 +42,7 @@ class Options:
     fp16: bool = False
     bf16: bool = False
     scheduler: Any = None
+    activation_checkpointing: bool = False
 
 
 class Level:
@@ -106,7 +107,7 @@ class Level:
 
 def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
           bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
-          warmup: int = 0, name: str | None = None):
+          warmup: int = 0, activation_checkpointing: bool = False, name: str | None = None):
     """Declare a level of a multilevel program; its signature names the levels it depends on.
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
@@ -119,6 +120,14 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     are refused (wrap them in a `DataLoader`). `fp16=True` is meant for GPUs: on CPU float16
     autocast runs, usually slower than float32, and `Program` warns once; use `bf16=True` there.
 
+    `activation_checkpointing=True` runs every call of the module (or a submodule) through its
+    handles under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, in real steps and in
+    hypergradient passes: activations are recomputed during the backward pass instead of stored,
+    so the module's activation memory no longer grows with its depth, for about one more forward
+    pass per backward pass; the gradients and hypergradients are unchanged (random draws such as
+    dropout are replayed). Methods reached as `module.encode(x)` run unchecked. A BatchNorm
+    module in training mode advances its running statistics again when recomputed, as in PyTorch.
+
     Example::
 
         @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=loader)
@@ -128,7 +137,8 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
             return (weighting(loss.detach()[:, None]).squeeze(1) * loss).mean()
     """
     options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
-                      fp16=fp16, bf16=bf16, scheduler=scheduler)
+                      fp16=fp16, bf16=bf16, scheduler=scheduler,
+                      activation_checkpointing=activation_checkpointing)
 
     def decorate(fn: Callable) -> Level:
         if isinstance(fn, Level) or not callable(fn):
@@ -171,9 +181,13 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
             isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):
         raise LevelError(f"{prefix} clip_grad must be a positive max norm or None, "
                          f"got {options.clip_grad!r}.")
-    for key in ("fp16", "bf16"):
+    for key in ("fp16", "bf16", "activation_checkpointing"):
         if not isinstance(getattr(options, key), bool):
             raise LevelError(f"{prefix} {key} must be True or False, got {getattr(options, key)!r}.")
+    if options.activation_checkpointing and isinstance(module, torch.Tensor):
+        raise LevelError(f"{prefix} activation_checkpointing=True needs an nn.Module, but the "
+                         f"module is a tensor of hyperparameters, with no activations to "
+                         f"recompute; remove the option.")
     if options.fp16 and options.bf16:
         raise LevelError(f"{prefix} fp16 and bf16 are both set; choose one precision.")
     if options.scheduler is not None and not callable(getattr(options.scheduler, "step", None)):
