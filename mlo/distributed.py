@@ -170,19 +170,21 @@ class GradientReducer:
         for i, p in enumerate(self._params):
             p.register_hook(lambda grad, i=i: _on_grad(this, i, grad))
         self._armed = False
+        self._grads: dict[int, torch.Tensor] = {}
+        self._works: dict[int, tuple] = {}
 
     def arm(self) -> None:
         """Start collecting: the next gradients of the parameters are reduced as they appear."""
-        self._armed = True
-        self._grads: dict[int, torch.Tensor] = {}
-        self._works: dict[int, tuple] = {}
+        self._armed, self._grads, self._works = True, {}, {}
+        self._pending = [len(bucket) for bucket in self._buckets]
 
     def _ready(self, index: int, grad: torch.Tensor) -> None:
         if not self._armed or index in self._grads:
             return
         self._grads[index] = grad.detach()
         bucket = self._bucket_of[index]
-        if all(i in self._grads for i in self._buckets[bucket]):
+        self._pending[bucket] -= 1
+        if not self._pending[bucket]:
             self._send(bucket)
 
     def _send(self, bucket: int) -> None:
@@ -201,7 +203,8 @@ class GradientReducer:
                 self._send(bucket)
         self._armed = False
         out = [None] * len(self._params)
-        for bucket, (flat, work) in sorted(self._works.items()):
+        works, self._works, self._grads = self._works, {}, {}  # hold no gradient past the step
+        for bucket, (flat, work) in sorted(works.items()):
             _collective(work.wait)
             flat /= world_size()
             offset = 0

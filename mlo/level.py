@@ -125,7 +125,11 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     hypergradient passes: activations are recomputed during the backward pass instead of stored,
     so the module's activation memory no longer grows with its depth, for about one more forward
     pass per backward pass; the gradients and hypergradients are unchanged (random draws such as
-    dropout are replayed). Methods reached as `module.encode(x)` run unchecked. A BatchNorm
+    dropout are replayed). It lowers the peak of first-order backward passes (the real steps),
+    not of passes that differentiate twice (`aid_fd`, `aid_cg`, `aid_neumann`, `itd`, `sama`):
+    there the recomputed activations stay in the second-order graph (measured: -40% peak tensor
+    memory for real steps, +5-10% for those hypergradients; benchmarks/results/
+    activation_memory.md). Methods reached as `module.encode(x)` run unchecked. A BatchNorm
     module in training mode advances its running statistics again when recomputed, as in PyTorch.
 
     Example::
