@@ -67,7 +67,7 @@ def equal_updates(rank, methods):
 
 
 def test_two_ranks_equal_one_process_with_concatenated_batches(tmp_path):
-    methods = ["aid_fd", "aid_cg"]
+    methods = ["aid_fd", "aid_cg", "aid_neumann", "sama"]
     results = forked(equal_updates, tmp_path, methods)
     for method in methods:
         single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH))
@@ -313,3 +313,39 @@ def test_bucketed_reduction_during_backward_equals_flat_and_one_process(tmp_path
     assert torch.allclose(bucketed[0]["params"], flat[0]["params"], atol=1e-12, rtol=0)
     assert torch.allclose(bucketed[0]["params"], single, atol=1e-6, rtol=0)
     assert not torch.allclose(single[-5:], torch.zeros(5, dtype=torch.float64))
+
+
+def fp16_overflow(rank):
+    """An fp16 inner level whose gradient overflows on rank 1 only, in its last step."""
+    torch.manual_seed(0)
+    net, decay = nn.Linear(5, 1), nn.Parameter(torch.zeros(5))
+    train = [(x.float() * (300.0 if rank == 1 and i == 3 else 1.0), y.float())
+             for i, (x, y) in enumerate(shard(batches(1, 2 * BATCH), rank))]
+    val = [(x.float(), y.float()) for x, y in shard(batches(2, 2 * BATCH), rank)]
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.02), data=train,
+               fp16=True)
+    def inner(batch, module, outer):
+        x, y = batch
+        return ((module(x) - y) ** 2).mean() + (outer().exp() * module.weight[0] ** 2).sum()
+
+    @mlo.level(module=decay, optimizer=torch.optim.SGD([decay], lr=0.2), data=val,
+               hypergrad="aid_fd")
+    def outer(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    with pytest.warns(UserWarning):  # fp16 on CPU
+        program = mlo.Program(inner, outer)
+    for _ in range(STEPS):
+        program.step()
+    return {"params": torch.cat([net.weight.detach().ravel(), net.bias.detach(), decay.detach()]),
+            "overflows": program._precision["inner"].overflows}
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    results = forked(fp16_overflow, tmp_path)
+    alone = fp16_overflow(0)["overflows"]  # rank 0's shard in one process: no overflow at step 3
+    assert results[0]["overflows"] == results[1]["overflows"] == alone + 1
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    assert torch.isfinite(results[0]["params"]).all()
