@@ -166,12 +166,16 @@ class GradientReducer:
             self._buckets[-1].append(i)
             self._bucket_of[i] = len(self._buckets) - 1
             size += p.numel() * p.element_size()
-        this = weakref.ref(self)  # hooks outlive a Program; they must not keep its reducer alive
-        for i, p in enumerate(self._params):
-            p.register_hook(lambda grad, i=i: _on_grad(this, i, grad))
+        this = weakref.ref(self)  # the parameters' hooks must not keep this reducer alive
+        self._hooks = [p.register_hook(lambda grad, i=i: _on_grad(this, i, grad))
+                       for i, p in enumerate(self._params)]
         self._armed = False
         self._grads: dict[int, torch.Tensor] = {}
         self._works: dict[int, tuple] = {}
+
+    def __del__(self):
+        for hook in getattr(self, "_hooks", ()):  # a later Program's reducer replaces them
+            hook.remove()
 
     def arm(self) -> None:
         """Start collecting: the next gradients of the parameters are reduced as they appear."""
