@@ -28,7 +28,7 @@ class ChainRule:
             out = self._best_response_vjp(upper, name, inputs, adjoint.pop(name))
             for source in inputs:
                 # vectors that feed further VJPs are averaged over ranks here; the upper level's
-                # own part is averaged with its direct gradient in one all-reduce per step
+                # own part is averaged by the caller, with or after its direct gradient
                 part = out[source] if source == upper else self._average(out[source])
                 target = result if source == upper else adjoint.setdefault(source, {})
                 for key, t in part.items():

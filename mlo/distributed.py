@@ -8,16 +8,21 @@ Under `torchrun` (or any initialized process group with more than one rank) a `P
   `DistributedSampler` (same batch size, collate function and workers; shuffling kept, seeded
   identically on every rank, `set_epoch` called at each restart). Iterable data (generators,
   lists of batches, `IterableDataset`) is left alone: give each rank its own shard;
-- averages every level's gradient (direct + hypergradient) in one flat all-reduce per step;
+- averages every level's direct gradient during its backward pass, bucket by bucket
+  (`GradientReducer`: each bucket's all-reduce starts as soon as its gradients are computed, so
+  communication overlaps the rest of the backward pass, as in `DistributedDataParallel`), and
+  the upper levels' own hypergradient explicitly;
 - averages, inside a hypergradient, each vector that enters a best-response VJP and each
   Hessian-vector product of CG/Neumann, so that every rank computes the hypergradient of the
   global batch (the mean of the ranks' losses), exactly as one process with the concatenated
   batches would (up to floating-point summation order).
 
-Gradients are reduced explicitly rather than through `DistributedDataParallel`'s backward hooks,
-because hypergradients are computed with `torch.autograd.grad` and `torch.func` transforms, which
-those hooks do not observe; one bucketed all-reduce per step gives the same averaging with no
-reliance on hook order. ITD replays each rank's own recorded batches: under data parallelism its
+The direct gradient is reduced by tensor hooks on the level's parameters rather than by wrapping
+the module in `DistributedDataParallel`: a cost reaches its module through a handle (which may call
+a submodule or a method, never the wrapper's forward) and the direct gradient is taken with
+`torch.autograd.grad` together with the gradient to the lower levels' solutions; DDP's reducer
+sees neither, tensor hooks see both. Hypergradient passes run on detached copies of the
+parameters, which carry no hooks, and are averaged explicitly. ITD replays each rank's own recorded batches: under data parallelism its
 hypergradient is the mean of the ranks' unrolls, not the unroll of the global batch.
 
 Faults: a level step that raises on one rank ends the run on every rank (`guard`), promptly and
@@ -29,6 +34,7 @@ hangs makes the others fail after the process group's timeout at most
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,6 +43,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from .errors import DistributedError
 
 FAILURE_KEY = "mlo/failure"
+BUCKET_MB = 25.0  # a gradient bucket's size, as DistributedDataParallel's default bucket_cap_mb
+FIRST_BUCKET_MB = 1.0  # smaller, so that communication starts early in the backward pass
 
 
 class _Lost(DistributedError):
@@ -107,7 +115,8 @@ def average(tensors: dict) -> dict:
 
 
 def average_grads(parameters) -> None:
-    """Replace each parameter's `.grad` by its mean over ranks (one all-reduce).
+    """Replace each parameter's `.grad` by its mean over ranks (one flat all-reduce, after the
+    backward pass: the reference that `GradientReducer` overlaps with the backward pass).
 
     A parameter without a gradient on this rank contributes zeros, so that every rank reduces
     the same flat buffer.
@@ -116,6 +125,104 @@ def average_grads(parameters) -> None:
     grads = {i: p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
     for p, g in zip(params, average(grads).values()):
         p.grad = g.clone()
+
+
+class GradientReducer:
+    """Average a level's direct gradient over ranks while its backward pass runs, in buckets.
+
+    Parameters are grouped, in reverse order of definition (the order a backward pass reaches
+    them), into buckets of about `bucket_mb` MiB (default `BUCKET_MB`; the first, which the
+    backward pass fills first, `FIRST_BUCKET_MB` at most) of one dtype and device.
+    A hook on each parameter copies its gradient into its bucket when autograd computes it (by
+    `.backward()` or `torch.autograd.grad`); a full bucket starts its asynchronous all-reduce at
+    once, so communication overlaps the rest of the backward pass. `reduced(grads)` waits for them (a
+    bucket left incomplete, by a parameter that got no gradient, is completed with zeros and
+    sent then) and returns the means. Hooks act only between `arm()` and `reduced()`: other
+    passes that reach the live parameters (the handle check) send nothing. Every rank must send
+    its buckets in the same order, which holds when the ranks run the same cost (the same
+    contract as `DistributedDataParallel`). Cost: one all-reduce per bucket, of the gradient's size.
+
+    Example::
+
+        reducer = GradientReducer(level.named_parameters())
+        reducer.arm()
+        grads = reducer.reduced(torch.autograd.grad(loss, params, allow_unused=True))
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], bucket_mb: float | None = None):
+        self._params = list(params.values())
+        self._buckets: list[list[int]] = []
+        self._bucket_of: dict[int, int] = {}
+        limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 2 ** 20
+        size = 0
+        for i in reversed(range(len(self._params))):
+            p = self._params[i]
+            previous = self._params[self._buckets[-1][0]] if self._buckets else None
+            cap = min(limit, FIRST_BUCKET_MB * 2 ** 20) if len(self._buckets) == 1 else limit
+            if previous is None or size >= cap or (p.dtype, p.device) != (previous.dtype,
+                                                                           previous.device):
+                self._buckets.append([])
+                size = 0
+            self._buckets[-1].append(i)
+            self._bucket_of[i] = len(self._buckets) - 1
+            size += p.numel() * p.element_size()
+        this = weakref.ref(self)  # the parameters' hooks must not keep this reducer alive
+        self._hooks = [p.register_hook(lambda grad, i=i: _on_grad(this, i, grad))
+                       for i, p in enumerate(self._params)]
+        self._armed = False
+        self._grads: dict[int, torch.Tensor] = {}
+        self._works: dict[int, tuple] = {}
+
+    def __del__(self):
+        for hook in getattr(self, "_hooks", ()):  # a later Program's reducer replaces them
+            hook.remove()
+
+    def arm(self) -> None:
+        """Start collecting: the next gradients of the parameters are reduced as they appear."""
+        self._armed, self._grads, self._works = True, {}, {}
+        self._pending = [len(bucket) for bucket in self._buckets]
+
+    def _ready(self, index: int, grad: torch.Tensor) -> None:
+        if not self._armed or index in self._grads:
+            return
+        self._grads[index] = grad.detach()
+        bucket = self._bucket_of[index]
+        self._pending[bucket] -= 1
+        if not self._pending[bucket]:
+            self._send(bucket)
+
+    def _send(self, bucket: int) -> None:
+        parts = [self._grads.get(i) for i in self._buckets[bucket]]
+        flat = torch.cat([(torch.zeros_like(self._params[i]) if g is None else g).reshape(-1)
+                          for i, g in zip(self._buckets[bucket], parts)])
+        self._works[bucket] = (flat, _collective(dist.all_reduce, flat, async_op=True))
+
+    def reduced(self, grads) -> list:
+        """Return the mean over ranks of `grads` (this rank's gradients, None where unused)."""
+        for i, g in enumerate(grads):  # a gradient its hook missed (none is expected)
+            if g is not None and i not in self._grads:
+                self._ready(i, g)
+        for bucket in range(len(self._buckets)):
+            if bucket not in self._works:
+                self._send(bucket)
+        self._armed = False
+        out = [None] * len(self._params)
+        works, self._works, self._grads = self._works, {}, {}  # hold no gradient past the step
+        for bucket, (flat, work) in sorted(works.items()):
+            _collective(work.wait)
+            flat /= world_size()
+            offset = 0
+            for i in self._buckets[bucket]:
+                n = self._params[i].numel()
+                out[i] = flat[offset:offset + n].view_as(self._params[i])
+                offset += n
+        return out
+
+
+def _on_grad(reducer, index: int, grad: torch.Tensor) -> None:
+    alive = reducer()
+    if alive is not None:
+        alive._ready(index, grad)
 
 
 def all_ranks(flag: bool) -> bool:

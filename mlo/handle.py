@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 
 class Handle:
@@ -67,9 +70,10 @@ class Handle:
                 raise TypeError(f"level '{self._level.name}' is a tensor of hyperparameters; call "
                                 f"its handle with no arguments to get it.")
             return module if self._params is None else self._params["param"]
-        if self._params is None:
-            return module(*args, **kwargs)
-        return _run(module, self._params, args, kwargs)
+        run = _run if self._params is not None else _live
+        if self._level.options.activation_checkpointing:
+            return _checkpointed(run, module, self._params, args, kwargs)
+        return run(module, self._params, args, kwargs)
 
     def __getattr__(self, name: str):
         if name in Handle.__slots__:  # not yet set (copy, unpickling): no module to ask
@@ -167,6 +171,31 @@ class _Member(nn.Module):
     def forward(self, *args, **kwargs):
         value = getattr(self.module, self.name)
         return value(*args, **kwargs) if self.call else value
+
+
+def _checkpointed(run, module: nn.Module, params, args, kwargs):
+    """Run `module` storing only each segment's input; the backward pass recomputes the rest.
+
+    An `nn.Sequential` of n children called with one input is split into segments of ⌈√n⌉
+    consecutive children: about √n stored inputs plus one segment's activations at a time, in
+    place of all n (the classic O(√n) schedule); any other module is one segment. Each segment's
+    parameters in use are inputs of its checkpoint, so a recomputation uses the same tensors as
+    the forward pass (and random draws are replayed).
+    """
+    if not (isinstance(module, nn.Sequential) and len(args) == 1 and not kwargs):
+        return checkpoint(run, module, params, args, kwargs, use_reentrant=False)
+    keys, x = list(module._modules), args[0]
+    size = math.ceil(math.sqrt(len(keys)))
+    for start in range(0, len(keys), size):
+        segment = nn.Sequential(OrderedDict((k, module._modules[k]) for k in keys[start:start + size]))
+        share = None if params is None else \
+            {k: t for k, t in params.items() if k.split(".", 1)[0] in segment._modules}
+        x = checkpoint(run, segment, share, (x,), {}, use_reentrant=False)
+    return x
+
+
+def _live(module: nn.Module, params: None, args, kwargs):
+    return module(*args, **kwargs)
 
 
 def _run(module: nn.Module, params: dict, args, kwargs):

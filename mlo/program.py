@@ -87,9 +87,11 @@ class Program(Runner, ChainRule, LiveUnroll):
                        for n in self.levels}  # the solutions each level differentiates through
         self._live = live_levels(self)  # {level: upper} whose real steps record the ITD graph
         self._live_uppers = live_uppers(self)
+        self._reducers = {}  # a level without one is averaged in one all-reduce after its step
         if self._parallel:
             for lv in levels:
                 distributed.broadcast_level(lv)
+                self._reducers[lv.name] = distributed.GradientReducer(lv.named_parameters())
 
     def __repr__(self) -> str:
         return f"<mlo Program: {', '.join(self.graph.order)} (lowest first), step {self.global_step}>"
@@ -178,7 +180,7 @@ class Program(Runner, ChainRule, LiveUnroll):
         return self.history[name][-1]["loss"]
 
     def _apply(self, level: Level, precision: Precision) -> None:
-        if self._parallel:
+        if self._parallel and level.name not in self._reducers:
             distributed.average_grads(level.named_parameters().values())
         precision.unscale(level.optimizer)
         if level.options.clip_grad is not None:
@@ -301,11 +303,18 @@ class Program(Runner, ChainRule, LiveUnroll):
             scaled = scaled / (level.options.grad_accum * level.options.tasks)
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
+        reducer = self._reducers.get(level.name)
+        if reducer is not None:  # own gradients are averaged over ranks during the backward pass
+            reducer.arm()
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
             else [None] * len(inputs)
+        if reducer is not None:
+            grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
         overflow = precision.scaler is not None and not _all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
+        if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient
+            hyper = self._average(hyper)
         finite = _all_finite({level.name: hyper})
         if precision.scaler is not None and not (finite and not overflow):
             hyper = {k: torch.full_like(p, float("inf")) for k, p in own.items()}

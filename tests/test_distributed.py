@@ -67,7 +67,7 @@ def equal_updates(rank, methods):
 
 
 def test_two_ranks_equal_one_process_with_concatenated_batches(tmp_path):
-    methods = ["aid_fd", "aid_cg"]
+    methods = ["aid_fd", "aid_cg", "aid_neumann", "sama"]
     results = forked(equal_updates, tmp_path, methods)
     for method in methods:
         single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH))
@@ -255,3 +255,97 @@ def test_checkpoint_of_two_ranks_resumes_on_two_ranks_bit_for_bit(tmp_path, part
     state = torch.load(folder / "step-000000008.rank0.pt", weights_only=True)
     with pytest.raises(mlo.CheckpointError, match=r"saved by 2 rank\(s\), this run has 1"):
         mlo.Program(alone).load_state_dict(state)
+
+
+# -- the direct gradient is reduced in buckets during the backward pass --------------------------
+
+def accumulated(rank, flat):
+    """An MLP inner level (a bucket per parameter, grad_accum=2, clip_grad) under aid_cg; `flat`
+    averages after the step instead. Returns the parameters and, for a backward pass reaching
+    the last layer only, how many buckets were sent before it returned."""
+    mlo.distributed.BUCKET_MB = 1e-7  # under a byte: every parameter fills a bucket of its own
+    train, val = batches(1, 2 * BATCH), batches(2, 2 * BATCH)
+    return accumulating_program(shard(train, rank), shard(val, rank), flat)
+
+
+def accumulating_program(train, val, flat=False):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    decay = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    micro = [(x[i::2], y[i::2]) for x, y in train for i in range(2)]
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5),
+               data=micro, grad_accum=2, clip_grad=0.5, name="inner")
+    def inner(batch, module, outer):
+        x, y = batch
+        return ((module(x) - y) ** 2).mean() + (outer().exp() * module[0].weight ** 2).sum(0).mean()
+
+    @mlo.level(module=decay, optimizer=torch.optim.SGD([decay], lr=0.2), data=val,
+               hypergrad="aid_cg", name="outer")
+    def outer(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    program = mlo.Program(inner, outer)
+    sent = None
+    if flat:
+        program._reducers.clear()
+    elif program._parallel:
+        reducer = program._reducers["inner"]
+        reducer.arm()
+        loss = net[2](torch.ones(1, 4, dtype=torch.float64)).sum()
+        grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+        sent = (len(reducer._works), len(reducer._buckets))
+        reduced = reducer.reduced(grads)  # the first layer's buckets are completed with zeros
+        sent += (float(reduced[0].abs().sum()), float(reduced[2].sum()))
+    for _ in range(STEPS):
+        program.step()
+    params = torch.cat([p.detach().ravel() for p in net.parameters()] + [decay.detach()])
+    return {"params": params, "sent": sent}
+
+
+def test_bucketed_reduction_during_backward_equals_flat_and_one_process(tmp_path):
+    bucketed = forked(accumulated, tmp_path, False)
+    flat = forked(accumulated, tmp_path, True)
+    single = accumulating_program(batches(1, 2 * BATCH), batches(2, 2 * BATCH))["params"]
+    assert bucketed[0]["sent"] == (2, 4, 0.0, 4.0)  # sent while autograd ran; then the rest
+    assert torch.equal(bucketed[0]["params"], bucketed[1]["params"])
+    assert torch.allclose(bucketed[0]["params"], flat[0]["params"], atol=1e-12, rtol=0)
+    assert torch.allclose(bucketed[0]["params"], single, atol=1e-6, rtol=0)
+    assert not torch.allclose(single[-5:], torch.zeros(5, dtype=torch.float64))
+
+
+def fp16_overflow(rank):
+    """An fp16 inner level whose gradient overflows on rank 1 only, in its last step."""
+    torch.manual_seed(0)
+    net, decay = nn.Linear(5, 1), nn.Parameter(torch.zeros(5))
+    train = [(x.float() * (300.0 if rank == 1 and i == 3 else 1.0), y.float())
+             for i, (x, y) in enumerate(shard(batches(1, 2 * BATCH), rank))]
+    val = [(x.float(), y.float()) for x, y in shard(batches(2, 2 * BATCH), rank)]
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.02), data=train,
+               fp16=True)
+    def inner(batch, module, outer):
+        x, y = batch
+        return ((module(x) - y) ** 2).mean() + (outer().exp() * module.weight[0] ** 2).sum()
+
+    @mlo.level(module=decay, optimizer=torch.optim.SGD([decay], lr=0.2), data=val,
+               hypergrad="aid_fd")
+    def outer(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    with pytest.warns(UserWarning):  # fp16 on CPU
+        program = mlo.Program(inner, outer)
+    for _ in range(STEPS):
+        program.step()
+    return {"params": torch.cat([net.weight.detach().ravel(), net.bias.detach(), decay.detach()]),
+            "overflows": program._precision["inner"].overflows}
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    results = forked(fp16_overflow, tmp_path)
+    alone = fp16_overflow(0)["overflows"]  # rank 0's shard in one process: no overflow at step 3
+    assert results[0]["overflows"] == results[1]["overflows"] == alone + 1
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    assert torch.isfinite(results[0]["params"]).all()
