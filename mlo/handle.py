@@ -71,7 +71,9 @@ class Handle:
                                 f"its handle with no arguments to get it.")
             return module if self._params is None else self._params["param"]
         run = _run if self._params is not None else _live
-        if self._level.options.activation_checkpointing:
+        if self._params is None and self._level.options.activation_checkpointing:
+            # real steps only: in passes that differentiate twice the recomputed activations stay
+            # in the second-order graph, so checkpointing there costs memory instead of saving it
             return _checkpointed(run, module, self._params, args, kwargs)
         return run(module, self._params, args, kwargs)
 

@@ -135,16 +135,16 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     autocast runs, usually slower than float32, and `Program` warns once; use `bf16=True` there.
 
     `activation_checkpointing=True` runs every call of the module (or a submodule) through its
-    handles under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, in real steps and in
-    hypergradient passes: activations are recomputed during the backward pass instead of stored,
-    for about one more forward pass per backward pass; the gradients and hypergradients are
-    unchanged (random draws such as dropout are replayed). An `nn.Sequential` of n children runs
-    as √n segments, so its stored activations grow with √n, not n; any other module is one
-    segment, which saves memory only between its forward and backward passes. It lowers the peak of first-order backward passes (the real steps),
-    not of passes that differentiate twice (`aid_fd`, `aid_cg`, `aid_neumann`, `itd`, `sama`):
-    there the recomputed activations stay in the second-order graph (measured: -40% peak tensor
-    memory for real steps, +5-10% for those hypergradients; benchmarks/results/
-    activation_memory.md). Methods reached as `module.encode(x)` run unchecked. A BatchNorm
+    handles in real steps under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`:
+    activations are recomputed during the backward pass instead of stored, for about one more
+    forward pass per backward pass, with unchanged gradients (random draws such as dropout are
+    replayed). An `nn.Sequential` of n children runs as √n segments, so its stored activations
+    grow with √n, not n; any other module is one segment, which saves memory only between its
+    forward and backward passes. Hypergradient passes (`itd`, `aid_cg`, `aid_neumann`, `aid_fd`,
+    `sama`) run unchecked: they differentiate twice, and the recomputed activations then stay in
+    the second-order graph (measured with checkpointing there too: -40% peak tensor memory for
+    real steps, +5-10% for those passes; benchmarks/results/activation_memory.md). Methods
+    reached as `module.encode(x)` run unchecked. A BatchNorm
     module in training mode advances its running statistics again when recomputed, as in PyTorch.
 
     Example::
