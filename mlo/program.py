@@ -9,11 +9,11 @@ import torch
 from . import checkpoint, checks, distributed, meta
 from .bypass import check_handles
 from .chain import ChainRule
+from .costs import Costs
 from .checks import refuse_learned_hyperparameters, warn_fp16_on_cpu
 from .data import Stream
-from .errors import GraphError, LossError, MloError, NonFiniteError, closest, quoted
+from .errors import GraphError, MloError, closest, quoted
 from .graph import infer
-from .handle import Handle
 from .history import History
 from .level import Level, registry
 from .live import LiveUnroll, live_levels, live_uppers
@@ -22,7 +22,7 @@ from .running import Runner
 from .unroll import Window
 
 
-class Program(Runner, ChainRule, LiveUnroll):
+class Program(Runner, ChainRule, Costs, LiveUnroll):
     """A multilevel program built from levels; `Program()` takes every level in `mlo.registry`.
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
@@ -232,111 +232,6 @@ class Program(Runner, ChainRule, LiveUnroll):
                 continue  # it restarts at its reset, before its next step
             self._windows[(upper, lower)] = Window.start(self.levels[lower])
 
-    # -- costs and gradients ------------------------------------------------------------------
-
-    def _cost(self, level: Level, batch, params: dict[str, dict],
-              frozen: bool = False) -> tuple[torch.Tensor, dict]:
-        """Evaluate a level's cost with `params` by level name; other levels run live.
-
-        A live level runs its module directly (no functional call): its parameters may enter the
-        autograd graph, but gradients are only ever taken with respect to explicit inputs, so
-        they never receive any; this is cheaper than rebinding detached copies on every call.
-        With `frozen=True` (hypergradient passes) the other levels run on detached parameters,
-        so those auxiliary passes record no graph for parameters nobody differentiates.
-        """
-        kwargs = {}
-        if level.uses_batch:
-            kwargs["batch"] = batch
-        if level.uses_module:
-            kwargs["module"] = Handle(level, params.get(level.name))
-        for other, _ in level.names:
-            values = params.get(other)
-            if values is None and frozen:
-                values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
-            kwargs[other] = Handle(self.levels[other], values)
-        with self._precision[level.name].autocast():
-            out = level.fn(**kwargs)
-        return self._loss_of(level, out, metrics=not frozen)
-
-    def _loss_of(self, level: Level, out, metrics: bool = True) -> tuple[torch.Tensor, dict]:
-        """Split a cost's output into the scalar loss and its metrics (read only when `metrics`:
-        hypergradient passes may run under torch.func transforms, where values cannot be read)."""
-        values = {}
-        if isinstance(out, dict):
-            if "loss" not in out:
-                raise LossError(f"Program.step (step {self.global_step}): level '{level.name}' "
-                                f"returned a dict without a 'loss' key (keys: {quoted(out)}); "
-                                f"return {{'loss': scalar, ...metrics}}.")
-            if metrics:
-                values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-                          for k, v in out.items() if k != "loss"}
-            out = out["loss"]
-        if not isinstance(out, torch.Tensor) or out.dim() != 0:
-            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
-                else type(out).__name__
-            raise LossError(f"Program.step (step {self.global_step}): level '{level.name}' "
-                            f"returned {got}; expected a scalar tensor loss. Reduce it, e.g. "
-                            f"with .mean().")
-        return out.float(), values
-
-    def _accumulate(self, level: Level, batch, precision: Precision):
-        """Add this micro-batch's total gradient (direct + hypergradient) into `.grad`.
-
-        On an fp16 level an overflow anywhere in it (the scaled gradient passed to the levels
-        below, or the hypergradient that comes back) is left in `.grad`, where the loss scaler
-        finds it: the step is skipped, counted and the scale lowered, as for any fp16 overflow.
-        """
-        if level.name in self._live_uppers and self._reads_live(level.name):
-            return self._live_accumulate(level, batch, precision)
-        edges = self._edges.get(level.name, {})
-        reads = self._reads[level.name]
-        params = {low: self.levels[low].named_parameters() for low in reads}
-        loss, metrics = self._cost(level, batch, {})
-        value = float(loss.detach())
-        finite = self._finite(level, value, "loss")
-        if self._parallel:  # agree before the hypergradient's collectives, which all must join
-            finite = distributed.all_ranks(finite)
-        if not finite:
-            return value, metrics, False
-        scaled = precision.scale_loss(loss)
-        if level.options.grad_accum * level.options.tasks > 1:
-            scaled = scaled / (level.options.grad_accum * level.options.tasks)
-        own = level.named_parameters()
-        inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
-        reducer = self._reducers.get(level.name)
-        if reducer is not None:  # own gradients are averaged over ranks during the backward pass
-            reducer.arm()
-        grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
-            else [None] * len(inputs)
-        if reducer is not None:
-            grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
-        direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
-        overflow = precision.scaler is not None and not _all_finite(direct_reads)
-        hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
-        if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient
-            hyper = self._average(hyper)
-        finite = _all_finite({level.name: hyper})
-        if precision.scaler is not None and not (finite and not overflow):
-            hyper = {k: torch.full_like(p, float("inf")) for k, p in own.items()}
-            finite = True
-        for (key, p), g in zip(own.items(), grads[:len(own)]):
-            total = g if key not in hyper else (hyper[key] * precision.scale if g is None
-                                               else g + hyper[key] * precision.scale)
-            if total is not None:
-                p.grad = total if p.grad is None else p.grad + total
-        return value, metrics, self._finite(level, 0.0 if finite else float("nan"), "hypergradient")
-
-    def _finite(self, level: Level, value: float, what: str) -> bool:
-        if value == value and abs(value) != float("inf"):
-            return True
-        if self.on_nonfinite == "skip":
-            return False
-        method = f" (hypergrad={level.method!r})" if level.method else ""
-        raise NonFiniteError(
-            f"Program.step (step {self.global_step}): level '{level.name}'{method} has a "
-            f"non-finite {what} ({value}). Lower its learning rate, clip gradients "
-            f"(clip_grad=...), or build the Program with on_nonfinite='skip' to skip such updates.")
-
     # -- data and checkpoints ------------------------------------------------------------------
 
     def _next_batch(self, level: Level):
@@ -377,23 +272,6 @@ class Program(Runner, ChainRule, LiveUnroll):
         program = cls(*levels, **options)
         program.load_state_dict(checkpoint.load(path))
         return program
-
-
-def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
-    out, i = {}, 0
-    for low, values in params.items():
-        out[low] = {}
-        for key, t in values.items():
-            g = grads[i]
-            out[low][key] = torch.zeros_like(t) if g is None else g if factor == 1.0 else g * factor
-            i += 1
-    return out
-
-
-def _all_finite(tensors: dict[str, dict]) -> bool:
-    """Whether every tensor of a {level: {name: tensor}} dict is finite (one host read)."""
-    flags = [torch.isfinite(t).all() for values in tensors.values() for t in values.values()]
-    return not flags or bool(torch.stack(flags).all())
 
 
 def _clear_grads(level: Level) -> None:
