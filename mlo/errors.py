@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import tokenize
 
 
 class MloError(Exception):
@@ -61,10 +62,12 @@ def where(fn) -> str:
     """Return `file:line:  def name(args)` for a user function, for pointing at its signature."""
     try:
         file = inspect.getsourcefile(fn) or "<unknown>"
-        line = inspect.getsourcelines(fn)[1]
-    except (OSError, TypeError):
+        lines, line = inspect.getsourcelines(fn)
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        # no source, or a file name that is not the code's source (code compiled under another
+        # name): inspect then reads unrelated lines, which may not even tokenize
         return f"<unknown>:  def {getattr(fn, '__name__', '?')}{inspect.signature(fn)}"
-    for offset, text in enumerate(inspect.getsourcelines(fn)[0]):
+    for offset, text in enumerate(lines):
         if text.lstrip().startswith("def "):
             return f"{file}:{line + offset}:  {text.strip().rstrip(':')}"
     return f"{file}:{line}:  def {getattr(fn, '__name__', '?')}{inspect.signature(fn)}"

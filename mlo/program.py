@@ -31,6 +31,19 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
     that it reads levels through their handles (`mlo.errors.HandleError` otherwise: a silent zero
     hypergradient); later steps pay nothing for it.
 
+    Attributes:
+        levels: the levels by name (`dict[str, Level]`).
+        graph: the inferred `Graph` (edges, paths, execution order).
+        global_step: global steps taken so far (`step()` calls, across resumes).
+        steps: optimizer steps taken per level (`dict[str, int]`); an upper level steps less
+            often than the levels below it.
+        skipped: updates skipped per level (a non-finite value with `on_nonfinite="skip"`, or
+            an fp16 overflow).
+        history: per level, the logged losses and metrics of its steps (bounded, see
+            `mlo.history`), and under "validate" the results of `run(validate=...)`.
+        stopped_at: the global step early stopping stopped at in the last `run`, or None.
+        seconds: wall time of the last `run`.
+
     Example::
 
         program = mlo.Program(classifier, weighting)

@@ -270,3 +270,13 @@ def test_calling_a_trained_level_under_no_grad_keeps_no_graph(parts):
     assert not out.requires_grad and out.grad_fn is None
     assert not value.requires_grad and torch.equal(value, lam.detach())
     torch.testing.assert_close(out, keywords["module"](x))
+
+
+def test_level_compiled_under_another_files_name_still_declares(parts, tmp_path):
+    """Code compiled with a file name that is not its source: no traceback from locating it."""
+    unrelated = tmp_path / "notes.py"
+    unrelated.write_text('x = """never closed\n')
+    namespace = {"mlo": mlo, "options": parts()}
+    code = "@mlo.level(**options)\ndef inner(module):\n    return module(torch.ones(2)).sum()\n"
+    exec(compile(code, str(unrelated), "exec"), {**namespace, "torch": torch})
+    assert mlo.registry["inner"].location.startswith("<unknown>:  def inner(module)")
