@@ -20,6 +20,25 @@ import mlo
 HYPERGRADS = {"MAML": "itd", "Meta-SGD": "itd", "FOMAML": "first_order", "Reptile": None}
 
 
+class TaskParts:
+    """Re-iterate part `part` (0: support, 1: query) of each task, `repeat` times in a row.
+
+    `tasks` is any sequence of tasks; one that builds each task on indexing keeps only one task's
+    images in memory at a time.
+    """
+
+    def __init__(self, tasks, part, repeat=1):
+        self.tasks, self.part, self.repeat = tasks, part, repeat
+
+    def __len__(self):
+        return len(self.tasks) * self.repeat
+
+    def __iter__(self):
+        for task in self.tasks:
+            for _ in range(self.repeat):
+                yield task[self.part]
+
+
 def adapt_level(method, learner, optimizer, support, loss, steps, prox):
     """The learner: `steps` SGD steps per task from θ₀ = φ (`mlo.Init`)."""
     if method == "Meta-SGD":
@@ -57,8 +76,8 @@ def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
     Cost: len(tasks) · steps learner steps, plus one meta-gradient per task.
     """
     learner = copy.deepcopy(meta_net)
-    support = [s for s, _ in tasks for _ in range(steps)]  # `steps` steps on each support set
-    queries = [q for _, q in tasks]
+    support = TaskParts(tasks, 0, repeat=steps)  # `steps` steps on each support set
+    queries = TaskParts(tasks, 1)
     rates = nn.ParameterList(nn.Parameter(torch.tensor(inner_lr)) for _ in learner.parameters())
     lrs = rates if method == "Meta-SGD" else [inner_lr] * len(rates)
     optimizer = torch.optim.SGD([{"params": [p], "lr": r}
