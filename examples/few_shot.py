@@ -22,6 +22,8 @@ adapted learner over meta-batches of `--tasks` tasks. The programs are those of
               images (support and query of every meta-training task); at test time its output
               layer is zeroed (its classes mean nothing for a test task) and it is adapted like
               the others
+    centroid  a reference without network or training: each query image takes the label of
+              the nearest mean of the support pixels of a class
 
 Reported: query accuracy (%) on `--test-tasks` test tasks after adaptation, mean ± std over
 seeds, and the time per meta step.
@@ -44,7 +46,7 @@ import mlo
 from data import load_fashion_mnist
 
 WAYS, INNER_STEPS, TRAIN_CLASSES, TEST_CLASSES = 5, 5, range(0, 5), range(5, 10)
-METHODS = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "pretrain"]
+METHODS = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "pretrain", "centroid"]
 
 
 class Tasks:
@@ -111,7 +113,8 @@ def pretrain(tasks, args, seed):
                         torch.cat([y for _, y in parts])).backward()
         optimizer.step()
     with torch.no_grad():  # a test task's label order is random: start its head from zero
-        net[-1].weight.zero_(), net[-1].bias.zero_()
+        net[-1].weight.zero_()
+        net[-1].bias.zero_()
     return net, None, (time.perf_counter() - start) * args.tasks / len(tasks)
 
 
@@ -126,6 +129,16 @@ def evaluate(net, rates, test_tasks, inner_lr):
     return 100.0 * correct / total
 
 
+def centroid_accuracy(test_tasks):
+    """Query accuracy (%) of the nearest class mean of the support pixels (no network)."""
+    correct = total = 0
+    for (xs, ys), (xq, yq) in test_tasks:
+        means = torch.stack([xs[ys == k].mean(0) for k in range(WAYS)])
+        correct += int((torch.cdist(xq, means).argmin(1) == yq).sum())
+        total += len(yq)
+    return 100.0 * correct / total
+
+
 def run(shots, data, args):
     """Return {method: [(accuracy, s / meta step) per seed]} for `shots`-shot tasks."""
     results = {m: [] for m in args.methods}
@@ -135,6 +148,9 @@ def run(shots, data, args):
         test_tasks = Tasks(*data["test"], TEST_CLASSES, args.test_tasks, shots, args.query,
                            torch.Generator().manual_seed(10_000 + seed))
         for method in args.methods:
+            if method == "centroid":
+                results[method].append((centroid_accuracy(test_tasks), 0.0))
+                continue
             mlo.registry.clear()
             train = pretrain if method == "pretrain" else lambda *a: meta_train(method, *a)
             net, rates, seconds = train(tasks, args, seed)

@@ -14,6 +14,8 @@ adapted learner, over meta-batches of `--tasks` tasks (`tasks=T`). Methods:
     pretrain  one network trained by Adam on the query points of all training tasks, then
               adapted like the others (no meta-learning)
 
+The programs are built by `meta_programs.py`, shared with `few_shot.py`.
+
 Reported: mean squared error on 200 held-out tasks after 5 adaptation steps (mean ± std over
 seeds), and the time per meta step. iMAML's implicit gradient is that of the solution of the
 proximal inner problem; 5 steps at lr 0.01 leave that problem far from solved, so in this
