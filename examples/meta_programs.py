@@ -71,7 +71,7 @@ def meta_level(method, meta_net, queries, loss, settings):
 
 
 def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
-    """Train φ = `meta_net` by `method` on `tasks`; return the learned rates (or None), s / meta step.
+    """Train φ = `meta_net` by `method` on `tasks`; return the learned rates or None, s / meta step.
 
     Cost: len(tasks) · steps learner steps, plus one meta-gradient per task.
     """
@@ -100,7 +100,7 @@ def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
 
 
 def adapted(net, rates, inner_lr, steps, support, loss):
-    """Return θ_T: `steps` SGD steps from `net`'s parameters on one support set (rates: Meta-SGD)."""
+    """Return θ_T: `steps` SGD steps from `net`'s parameters on one support set (Meta-SGD: rates)."""
     theta = {k: p.detach() for k, p in net.named_parameters()}
     lrs = [float(r.detach()) for r in rates] if rates is not None else [inner_lr] * len(theta)
     x, y = support
