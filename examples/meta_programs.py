@@ -100,7 +100,7 @@ def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
 
 
 def adapted(net, rates, inner_lr, steps, support, loss):
-    """Return θ_T: `steps` SGD steps from `net`'s parameters on one support set (Meta-SGD: rates)."""
+    """Return θ_T: `steps` SGD steps from `net`'s parameters on a support set (rates: Meta-SGD)."""
     theta = {k: p.detach() for k, p in net.named_parameters()}
     lrs = [float(r.detach()) for r in rates] if rates is not None else [inner_lr] * len(theta)
     x, y = support
