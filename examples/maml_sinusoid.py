@@ -14,6 +14,8 @@ adapted learner, over meta-batches of `--tasks` tasks (`tasks=T`). Methods:
     pretrain  one network trained by Adam on the query points of all training tasks, then
               adapted like the others (no meta-learning)
 
+The programs are built by `meta_programs.py`, shared with `few_shot.py`.
+
 Reported: mean squared error on 200 held-out tasks after 5 adaptation steps (mean ± std over
 seeds), and the time per meta step. iMAML's implicit gradient is that of the solution of the
 proximal inner problem; 5 steps at lr 0.01 leave that problem far from solved, so in this
@@ -25,7 +27,6 @@ actually taken (`--imaml-lambda` sets λ).
 """
 
 import argparse
-import copy
 import math
 import time
 
@@ -35,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mlo
+import meta_programs
 
 INNER_LR, INNER_STEPS, SHOTS = 0.01, 5, 10
 METHODS = ["MAML", "FOMAML", "Meta-SGD", "iMAML", "Reptile", "pretrain"]
@@ -54,68 +56,13 @@ def mlp():
                          nn.Linear(40, 1))
 
 
-def mse(handle, batch):
-    x, y = batch
-    return F.mse_loss(handle(x), y)
-
-
-def adapt_level(method, learner, optimizer, support, prox):
-    """The learner: 5 SGD steps per task from θ₀ = φ (`mlo.Init`)."""
-    if method == "Meta-SGD":
-        def adapt(batch, module, meta: mlo.Init, rates):  # its optimizer's lrs are `rates`
-            return mse(module, batch)
-    else:
-        def adapt(batch, module, meta: mlo.Init):
-            loss = mse(module, batch)
-            if prox:  # iMAML: stay near the start; its implicit gradient is the meta-gradient
-                loss = loss + 0.5 * prox * sum(((p - q) ** 2).sum() for p, q in
-                                               zip(module.params.values(), meta.params.values()))
-            return loss
-    return mlo.level(module=learner, optimizer=optimizer, data=support, unroll=INNER_STEPS)(adapt)
-
-
-def meta_level(method, meta_net, queries, args):
-    """The meta-parameters φ: one step per meta-batch of `args.tasks` tasks."""
-    if method == "Reptile":
-        def meta(module, adapt):  # gradient φ − θ_5: SGD moves φ towards θ_5
-            return sum(0.5 * ((p - q.detach()) ** 2).sum()
-                       for p, q in zip(module.params.values(), adapt.params.values()))
-        outer = torch.optim.SGD(meta_net.parameters(), lr=0.1)
-    else:
-        def meta(batch, adapt):
-            return mse(adapt, batch)
-        outer = torch.optim.Adam(meta_net.parameters(), lr=args.outer_lr)
-    hypergrad = {"MAML": "itd", "Meta-SGD": "itd", "FOMAML": "first_order",
-                 "iMAML": mlo.hypergrad.aid_cg(iters=5), "Reptile": None}[method]
-    return mlo.level(module=meta_net, optimizer=outer, data=queries, hypergrad=hypergrad,
-                     tasks=args.tasks)(meta)
-
-
 def meta_train(method, tasks, args, seed):
     """Train φ by `method` on `tasks`; return φ, the learned rates (or None), s / meta step."""
     torch.manual_seed(seed)
     meta_net = mlp()
-    learner = copy.deepcopy(meta_net)
-    support = [s for s, _ in tasks for _ in range(INNER_STEPS)]  # 5 steps on each support set
-    queries = [q for _, q in tasks]
-    rates = nn.ParameterList(nn.Parameter(torch.tensor(INNER_LR)) for _ in learner.parameters())
-    inner_lr = rates if method == "Meta-SGD" else [INNER_LR] * len(rates)
-    optimizer = torch.optim.SGD([{"params": [p], "lr": r}
-                                 for p, r in zip(learner.parameters(), inner_lr)])
-    prox = args.imaml_lambda if method == "iMAML" else 0.0
-    levels = [adapt_level(method, learner, optimizer, support, prox),
-              meta_level(method, meta_net, queries, args)]
-    if method == "Meta-SGD":
-        @mlo.level(module=rates, optimizer=torch.optim.Adam(rates.parameters(), lr=args.outer_lr),
-                   data=queries, hypergrad="itd", tasks=args.tasks, name="rates")
-        def learned_rates(batch, adapt):
-            return mse(adapt, batch)
-        levels.append(learned_rates)
-    program = mlo.Program(*levels)
-    start = time.perf_counter()
-    program.run(len(support), progress=False)
-    seconds = (time.perf_counter() - start) / args.meta_steps
-    return meta_net, (list(rates) if method == "Meta-SGD" else None), seconds
+    rates, seconds = meta_programs.meta_train(method, meta_net, tasks, F.mse_loss, args,
+                                              INNER_LR, INNER_STEPS)
+    return meta_net, rates, seconds
 
 
 def pretrain(tasks, args, seed):
@@ -135,16 +82,9 @@ def pretrain(tasks, args, seed):
 
 def evaluate(net, rates, test_tasks):
     """Mean query MSE of the test tasks after 5 SGD steps from φ on each task's support set."""
-    start = {k: p.detach() for k, p in net.named_parameters()}
-    lrs = [float(r.detach()) for r in rates] if rates is not None else [INNER_LR] * len(start)
     errors = []
-    for (xs, ys), (xq, yq) in test_tasks:
-        theta = {k: t.clone().requires_grad_() for k, t in start.items()}
-        for _ in range(INNER_STEPS):
-            loss = F.mse_loss(functional_call(net, theta, (xs,)), ys)
-            grads = torch.autograd.grad(loss, list(theta.values()))
-            theta = {k: (t - lr * g).detach().requires_grad_()
-                     for (k, t), g, lr in zip(theta.items(), grads, lrs)}
+    for support, (xq, yq) in test_tasks:
+        theta = meta_programs.adapted(net, rates, INNER_LR, INNER_STEPS, support, F.mse_loss)
         with torch.no_grad():
             errors.append(float(F.mse_loss(functional_call(net, theta, (xq,)), yq)))
     return sum(errors) / len(errors)

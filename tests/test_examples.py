@@ -14,7 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ["hpo_logreg.py", "data_reweighting.py", "label_correction.py", "domain_adaptation.py",
-            "darts.py", "maml_sinusoid.py"]
+            "darts.py", "maml_sinusoid.py", "few_shot.py"]
 TABLE_RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$", re.MULTILINE)  # a markdown |---|---| line
 
 
