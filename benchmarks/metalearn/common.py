@@ -95,3 +95,27 @@ def evaluate(config: Config, net: nn.Module) -> float:
         with torch.no_grad():
             errors.append(float(mse(functional_call(net, theta, (xq,)), yq)))
     return sum(errors) / len(errors)
+
+
+class Runner:
+    """What every implementation shares: the meta parameters φ (`net`), the meta-batches in
+    their fixed order, φ's evaluation, and the parameters whose gradient the harness compares.
+    Subclasses add `step()`."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.net = model(config)
+        self._tasks, self._next = tasks(config), 0
+
+    def next_meta_batch(self) -> list:
+        """Return the next of the `batches` meta-batches of T tasks, cycling."""
+        t = self.config.tasks
+        batch = self._tasks[self._next * t:(self._next + 1) * t]
+        self._next = (self._next + 1) % self.config.batches
+        return batch
+
+    def loss(self) -> float:
+        return evaluate(self.config, self.net)
+
+    def outer_params(self):
+        return list(self.net.parameters())

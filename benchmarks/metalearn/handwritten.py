@@ -11,16 +11,14 @@ from . import common
 UNSUPPORTED: dict[str, str] = {}
 
 
-class Runner:
+class Runner(common.Runner):
     def __init__(self, config: common.Config):
-        self.config, self.tasks, self.next = config, common.tasks(config), 0
-        self.net = common.model(config)
+        super().__init__(config)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.outer_lr)
 
     def step(self):
         config, net = self.config, self.net
-        batch = self.tasks[self.next * config.tasks:(self.next + 1) * config.tasks]
-        self.next = (self.next + 1) % config.batches
+        batch = self.next_meta_batch()
         self.optimizer.zero_grad()
         phi = dict(net.named_parameters())
         for (xs, ys), (xq, yq) in batch:
@@ -31,12 +29,6 @@ class Runner:
                 theta = {k: t - config.inner_lr * g for (k, t), g in zip(theta.items(), grads)}
             (common.mse(functional_call(net, theta, (xq,)), yq) / config.tasks).backward()
         self.optimizer.step()
-
-    def loss(self) -> float:
-        return common.evaluate(self.config, self.net)
-
-    def outer_params(self):
-        return list(self.net.parameters())
 
 
 def make(config: common.Config) -> Runner:

@@ -11,17 +11,15 @@ from . import common
 UNSUPPORTED: dict[str, str] = {}
 
 
-class Runner:
+class Runner(common.Runner):
     def __init__(self, config: common.Config):
-        self.config, self.tasks, self.next = config, common.tasks(config), 0
-        self.net = common.model(config)
+        super().__init__(config)
         self.inner_optimizer = torch.optim.SGD(self.net.parameters(), lr=config.inner_lr)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.outer_lr)
 
     def step(self):
         config = self.config
-        batch = self.tasks[self.next * config.tasks:(self.next + 1) * config.tasks]
-        self.next = (self.next + 1) % config.batches
+        batch = self.next_meta_batch()
         self.optimizer.zero_grad()
         for (xs, ys), (xq, yq) in batch:
             with higher.innerloop_ctx(self.net, self.inner_optimizer,
@@ -30,12 +28,6 @@ class Runner:
                     diffopt.step(common.mse(fnet(xs), ys))
                 (common.mse(fnet(xq), yq) / config.tasks).backward()
         self.optimizer.step()
-
-    def loss(self) -> float:
-        return common.evaluate(self.config, self.net)
-
-    def outer_params(self):
-        return list(self.net.parameters())
 
 
 def make(config: common.Config) -> Runner:

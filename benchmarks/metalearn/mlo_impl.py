@@ -16,11 +16,10 @@ from . import common
 UNSUPPORTED: dict[str, str] = {}
 
 
-class Runner:
+class Runner(common.Runner):
     def __init__(self, config: common.Config):
-        self.config = config
+        super().__init__(config)
         tasks = common.tasks(config)
-        self.net = common.model(config)
         learner = copy.deepcopy(self.net)
         steps = config.inner_steps
 
@@ -48,12 +47,6 @@ class Runner:
     def step(self):
         for _ in range(self.global_steps):
             self.program.step()
-
-    def loss(self) -> float:
-        return common.evaluate(self.config, self.net)
-
-    def outer_params(self):
-        return list(self.net.parameters())
 
 
 def make(config: common.Config) -> Runner:

@@ -11,17 +11,15 @@ from . import common
 UNSUPPORTED: dict[str, str] = {}
 
 
-class Runner:
+class Runner(common.Runner):
     def __init__(self, config: common.Config):
-        self.config, self.tasks, self.next = config, common.tasks(config), 0
-        self.net = common.model(config)
+        super().__init__(config)
         self.inner_optimizer = torchopt.MetaSGD(self.net, lr=config.inner_lr)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.outer_lr)
 
     def step(self):
         config, net = self.config, self.net
-        batch = self.tasks[self.next * config.tasks:(self.next + 1) * config.tasks]
-        self.next = (self.next + 1) % config.batches
+        batch = self.next_meta_batch()
         self.optimizer.zero_grad()
         start = torchopt.extract_state_dict(net)
         for (xs, ys), (xq, yq) in batch:
@@ -30,12 +28,6 @@ class Runner:
             (common.mse(net(xq), yq) / config.tasks).backward()
             torchopt.recover_state_dict(net, start)
         self.optimizer.step()
-
-    def loss(self) -> float:
-        return common.evaluate(self.config, self.net)
-
-    def outer_params(self):
-        return list(self.net.parameters())
 
 
 def make(config: common.Config) -> Runner:
