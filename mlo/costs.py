@@ -79,9 +79,7 @@ class Costs:
             finite = distributed.all_ranks(finite)
         if not finite:
             return value, metrics, False
-        scaled = precision.scale_loss(loss)
-        if level.options.grad_accum * level.options.tasks > 1:
-            scaled = scaled / (level.options.grad_accum * level.options.tasks)
+        scaled = scaled_loss(level, precision, loss)
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
         reducer = self._reducers.get(level.name)
@@ -92,19 +90,18 @@ class Costs:
         if reducer is not None:
             grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
-        overflow = precision.scaler is not None and not _all_finite(direct_reads)
+        overflow = precision.scaler is not None and not all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
         if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient
             hyper = self._average(hyper)
-        finite = _all_finite({level.name: hyper})
+        finite = all_finite({level.name: hyper})
         if precision.scaler is not None and not (finite and not overflow):
             hyper = {k: torch.full_like(p, float("inf")) for k, p in own.items()}
             finite = True
-        for (key, p), g in zip(own.items(), grads[:len(own)]):
-            total = g if key not in hyper else (hyper[key] * precision.scale if g is None
-                                               else g + hyper[key] * precision.scale)
-            if total is not None:
-                p.grad = total if p.grad is None else p.grad + total
+        totals = [g if key not in hyper else hyper[key] * precision.scale if g is None
+                  else g + hyper[key] * precision.scale
+                  for key, g in zip(own, grads[:len(own)])]
+        add_to_grads(own.values(), totals)
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"), "hypergradient")
 
     def _finite(self, level: Level, value: float, what: str) -> bool:
@@ -119,6 +116,20 @@ class Costs:
             f"(clip_grad=...), or build the Program with on_nonfinite='skip' to skip such updates.")
 
 
+def scaled_loss(level: Level, precision: Precision, loss: torch.Tensor) -> torch.Tensor:
+    """The loss to differentiate: scaled for fp16, divided over the micro-batches (and tasks)
+    whose gradients one optimizer step accumulates."""
+    scaled, parts = precision.scale_loss(loss), level.options.grad_accum * level.options.tasks
+    return scaled / parts if parts > 1 else scaled
+
+
+def add_to_grads(params, grads) -> None:
+    """Accumulate `grads` into the parameters' `.grad` (a None gradient adds nothing)."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
 def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
     out, i = {}, 0
     for low, values in params.items():
@@ -130,7 +141,7 @@ def _split(grads, params: dict[str, dict], factor: float) -> dict[str, dict]:
     return out
 
 
-def _all_finite(tensors: dict[str, dict]) -> bool:
+def all_finite(tensors: dict[str, dict]) -> bool:
     """Whether every tensor of a {level: {name: tensor}} dict is finite (one host read)."""
     flags = [torch.isfinite(t).all() for values in tensors.values() for t in values.values()]
     return not flags or bool(torch.stack(flags).all())

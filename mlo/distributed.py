@@ -252,11 +252,9 @@ def guard(step: int, level: str):
     The rank that raised notes its error in the process group's store and destroys its process
     group, which fails the collectives the other ranks wait in at once (rather than after the
     timeout); they read the note and raise naming that rank. The run cannot continue after
-    either: the process group is gone. Cost: nothing unless a step raises.
+    either: the process group is gone. Cost: nothing unless a step raises. Entered only with
+    more than one rank (`Program.step`).
     """
-    if world_size() == 1:
-        yield
-        return
     where = f"Program.step (step {step}): level '{level}'"
     try:
         yield

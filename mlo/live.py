@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .costs import all_finite, add_to_grads, scaled_loss
 from .optim import FunctionalOptimizer
 
 
@@ -85,18 +86,14 @@ class LiveUnroll:
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
-        scaled, parts = precision.scale_loss(loss), level.options.grad_accum * level.options.tasks
-        scaled = scaled / parts if parts > 1 else scaled
+        scaled = scaled_loss(level, precision, loss)
         own = level.named_parameters()
         # retained: with grad_accum the trajectory serves several micro-batches
         grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=True,
                                     allow_unused=True)
-        present = [g for g in grads if g is not None]
-        finite = precision.scaler is not None or not present or bool(
-            torch.stack([torch.isfinite(g).all() for g in present]).all())
-        for p, g in zip(own.values(), grads):
-            if g is not None:  # an fp16 overflow stays in .grad, where the loss scaler finds it
-                p.grad = g if p.grad is None else p.grad + g
+        finite = precision.scaler is not None or all_finite(
+            {name: {k: g for k, g in zip(own, grads) if g is not None}})
+        add_to_grads(own.values(), grads)  # an fp16 overflow stays there, for the loss scaler
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"),
                                             "hypergradient")
 

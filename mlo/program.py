@@ -4,6 +4,8 @@ whose solution it reads has taken `unroll` steps since its last step and is past
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import checkpoint, checks, distributed, meta
@@ -20,6 +22,9 @@ from .live import LiveUnroll, live_levels, live_uppers
 from .precision import Precision
 from .running import Runner
 from .unroll import Window
+
+
+_ALONE = contextlib.nullcontext()  # one process: no rank to tell about a failure
 
 
 class Program(Runner, ChainRule, Costs, LiveUnroll):
@@ -132,8 +137,8 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         losses = {}
         for name in self.graph.order:
             if self._ready(name):
-                with distributed.guard(self.global_step, name), \
-                        checks.explained(self, name, batches.get(name), self.global_step):
+                guard = distributed.guard(self.global_step, name) if self._parallel else _ALONE
+                with guard, checks.explained(self, name, batches.get(name), self.global_step):
                     loss = self._step_level(self.levels[name], batches.get(name))
                 if loss is not None:  # None: a task of a meta-batch, not yet a step
                     losses[name] = loss
