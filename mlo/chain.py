@@ -7,6 +7,7 @@ import torch
 from . import distributed
 from .level import Level
 from .optim import SUPPORTED, FunctionalOptimizer
+from .unroll import level_device, replaying
 
 
 class ChainRule:
@@ -54,7 +55,8 @@ class ChainRule:
         if method.name == "itd":
             if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
-            inner, losses = window.params, [self._closure(level, b) for b in window.batches]
+            inner = window.params
+            losses = [self._closure(level, b, rng) for b, rng in zip(window.batches, window.rng)]
             context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
                            state=window.state)
         else:
@@ -80,13 +82,18 @@ class ChainRule:
         return lambda outer: [o.replace({at: outer[source] for at, source in learned.items()})
                               for o in optimizers]
 
-    def _closure(self, level: Level, batches: list):
-        """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name)."""
+    def _closure(self, level: Level, batches: list, rng: dict | None = None):
+        """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name);
+        with `rng`, a recorded step's generator state, its random draws are the step's."""
+        device = level_device(level)
+
         def cost(inner, outer):
             params = {level.name: inner}
             for (src, key), t in outer.items():
                 params.setdefault(src, {})[key] = t
-            return sum(self._cost(level, b, params, frozen=True)[0] for b in batches) / len(batches)
+            with replaying(rng, device):
+                return sum(self._cost(level, b, params, frozen=True)[0]
+                           for b in batches) / len(batches)
         return cost
 
     def _average(self, params: dict) -> dict:

@@ -15,26 +15,28 @@ from .precision import Precision
 class Costs:
     """Evaluate levels' costs and accumulate their gradients (direct + hypergradient) in `.grad`."""
 
-    def _cost(self, level: Level, batch, params: dict[str, dict],
-              frozen: bool = False) -> tuple[torch.Tensor, dict]:
+    def _cost(self, level: Level, batch, params: dict[str, dict], frozen: bool = False,
+              real: bool = False) -> tuple[torch.Tensor, dict]:
         """Evaluate a level's cost with `params` by level name; other levels run live.
 
         A live level runs its module directly (no functional call): its parameters may enter the
         autograd graph, but gradients are only ever taken with respect to explicit inputs, so
         they never receive any; this is cheaper than rebinding detached copies on every call.
         With `frozen=True` (hypergradient passes) the other levels run on detached parameters,
-        so those auxiliary passes record no graph for parameters nobody differentiates.
+        so those auxiliary passes record no graph for parameters nobody differentiates. `real`
+        marks a real step run with given parameters (a live ITD window): modules then advance
+        their running statistics, as in any real step.
         """
         kwargs = {}
         if level.uses_batch:
             kwargs["batch"] = batch
         if level.uses_module:
-            kwargs["module"] = Handle(level, params.get(level.name))
+            kwargs["module"] = Handle(level, params.get(level.name), real=real)
         for other, _ in level.names:
             values = params.get(other)
             if values is None and frozen:
                 values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
-            kwargs[other] = Handle(self.levels[other], values)
+            kwargs[other] = Handle(self.levels[other], values, real=real)
         with self._precision[level.name].autocast():
             out = level.fn(**kwargs)
         return self._loss_of(level, out, metrics=not frozen)

@@ -20,7 +20,9 @@ class Handle:
     parameters in a real step, where calling the handle calls the module itself; in a hypergradient
     pass they are the tensors mlo differentiates with respect to, and the module runs functionally
     with them (`torch.func.functional_call`; frozen parameters and buffers come from the module,
-    buffers copied so that running statistics are not advanced by these passes).
+    buffers copied so that running statistics are not advanced by these passes). A real step
+    that records its graph (a live ITD window) runs functionally too, with `real=True`: there the
+    module's own buffers are used, so running statistics advance as in any real step.
 
     Inside a cost a handle behaves like the module it stands for:
 
@@ -49,10 +51,11 @@ class Handle:
             return F.mse_loss(module(x), y) + decay * module.weight.pow(2).sum()
     """
 
-    __slots__ = ("_level", "_params", "_module")
+    __slots__ = ("_level", "_params", "_module", "_real")
 
-    def __init__(self, level, params: dict[str, torch.Tensor] | None = None, module=None):
-        self._level, self._params = level, params
+    def __init__(self, level, params: dict[str, torch.Tensor] | None = None, module=None,
+                 real: bool = False):
+        self._level, self._params, self._real = level, params, real
         self._module = level.module if module is None else module
 
     @property
@@ -70,12 +73,13 @@ class Handle:
                 raise TypeError(f"level '{self._level.name}' is a tensor of hyperparameters; call "
                                 f"its handle with no arguments to get it.")
             return module if self._params is None else self._params["param"]
-        run = _run if self._params is not None else _live
-        if self._params is None and self._level.options.activation_checkpointing:
+        if self._params is not None:
+            return _run(module, self._params, args, kwargs, self._real)
+        if self._level.options.activation_checkpointing:
             # real steps only: in passes that differentiate twice the recomputed activations stay
             # in the second-order graph, so checkpointing there costs memory instead of saving it
-            return _checkpointed(run, module, self._params, args, kwargs)
-        return run(module, self._params, args, kwargs)
+            return _checkpointed(_live, module, None, args, kwargs)
+        return _live(module, None, args, kwargs)
 
     def __getattr__(self, name: str):
         if name in Handle.__slots__:  # not yet set (copy, unpickling): no module to ask
@@ -90,10 +94,10 @@ class Handle:
                 return params[name]
             member = _member(type(module), name)
             if member == "property":  # a submodule it returns is viewed as any other
-                return self._view(_run(_Member(module, name), params, (), {}))
+                return self._view(_run(_Member(module, name), params, (), {}, self._real))
             if member == "method":
                 return lambda *args, **kwargs: _run(_Member(module, name, call=True), params,
-                                                    args, kwargs)
+                                                    args, kwargs, self._real)
         return self._view(getattr(module, name))
 
     def __getitem__(self, key):
@@ -122,7 +126,7 @@ class Handle:
     def _view(self, value):
         """Return `value`, reached from the module, as it is with the parameters in use."""
         if isinstance(value, nn.Module):
-            return Handle(self._level, self._share(value), value)
+            return Handle(self._level, self._share(value), value, self._real)
         if self._params is not None and isinstance(value, torch.Tensor):
             for key, p in self._module._parameters.items():
                 if p is value:
@@ -200,11 +204,12 @@ def _live(module: nn.Module, params: None, args, kwargs):
     return module(*args, **kwargs)
 
 
-def _run(module: nn.Module, params: dict, args, kwargs):
-    """Call `module` functionally with `params`. Buffers are passed as copies: a functional pass
-    (a hypergradient) must not advance BatchNorm's running statistics, and torch.func transforms
-    allow the in-place update only on copies."""
+def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
+    """Call `module` functionally with `params`. Buffers are passed as copies, except in a `real`
+    step: a functional pass (a hypergradient) must not advance BatchNorm's running statistics,
+    and torch.func transforms allow the in-place update only on copies."""
     inner, prefix = (module.module, "module.") if isinstance(module, _Member) else (module, "")
     tensors = {prefix + k: t for k, t in params.items()}
-    tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
+    if not real:
+        tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
     return functional_call(module, tensors, args, kwargs, strict=False)

@@ -1,22 +1,29 @@
-"""Live unrolls: MAML's ITD windows differentiated through the real steps, without a replay (a
-part of `Program`).
+"""Live unrolls: ITD windows differentiated through the real steps, without a replay (a part of
+`Program`).
 
-A level that starts from its ITD upper level by `mlo.Init` (MAML's learner) takes its real
-steps functionally, θ_{t+1} = update(θ_t, ∇_θ f(θ_t, φ)) with the functional mirror of its own
-optimizer, keeping the graph from θ_0 = φ through every step. Its module's parameters, `.grad`
-and optimizer state (updated in place) are then set to the new values, so the level reads as if
-torch.optim had stepped. The upper level's hypergradient is then one backward pass,
-(dθ_T/dφ)ᵀ v, where a replay would first take the T steps again: the same cost, the same update
-rule, in the same order, so the same result (equal to rounding: the mirror's arithmetic is not
-torch.optim's fused kernels). An upper level whose every read solution is such a window evaluates
-its cost on the trajectories θ_T(φ) themselves, so one backward pass gives its whole gradient.
-Cost: the graph of the T steps is held from a window's first step until the learner's next step
-(its reset), where a replay holds it only during the upper level's step.
+A lower level read by an ITD upper level takes each real step on a differentiable copy of its
+parameters: the gradient ∇_θ f(θ_t, φ) is taken with `create_graph=True`, the level's own torch
+optimizer applies it (detached) to the module, as in any real step, and the functional mirror of
+that optimizer extends the graph, θ_{t+1}(φ) = update(θ_t, ∇_θ f). The graph's values are then
+set to the module's (θ_{t+1} = mirror + (module − mirror).detach()), so the torch optimizer stays
+authoritative: the module's values, `.grad` and optimizer state are exactly those of a level
+without ITD, and the graph is evaluated at them. The window starts from the module's parameters
+at the upper level's last step (θ₀ = φ for a level that starts from it by `mlo.Init`: MAML).
+The upper level's hypergradient is then one backward pass, (dθ_T/dφ)ᵀ v, where a replay would
+first take the T steps again: same costs, same update rule, same order, so the same result to
+rounding. An upper level whose every read solution is such a window evaluates its cost on the
+trajectories θ_T(φ) themselves, so one backward pass gives its whole gradient, as a hand-written
+unroll does.
+
+Cost: each real step builds its double-backward graph (what the replay would build), and the
+graph of the T steps is held from a window's first step until the upper level's step (a replay
+holds it only during that step); the peak, at the upper level's step, is the same.
 
 Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no
-data parallelism, a level that has no hypergradient of its own (see `live_levels` for several
-ITD upper levels). A window resumed from a checkpoint takes its recorded steps again
-functionally, then continues live.
+data parallelism, no activation checkpointing (a memory option: live windows hold their graph
+longer), a level that has no hypergradient of its own (see `live_levels` for several
+ITD upper levels); elsewhere the window is replayed. A window resumed from a checkpoint takes its
+recorded steps again functionally, then continues live.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from .costs import all_finite, add_to_grads, scaled_loss
 from .optim import FunctionalOptimizer
+from .unroll import level_device, replaying, rng_state
 
 
 @dataclass
@@ -40,10 +48,9 @@ class Trajectory:
 def live_levels(program) -> dict[str, tuple[str, ...]]:
     """Return {level: its ITD upper levels} for the levels whose real steps record their window.
 
-    A level qualifies when it starts from one of those upper levels (`mlo.Init`) and each of them
-    differentiates it against its own parameters only; where there are several (Meta-SGD's meta
-    level and learned rates), each reads that level alone, so their windows open and close
-    together and share one trajectory.
+    A level qualifies when each of those upper levels differentiates it against its own
+    parameters only; where there are several (Meta-SGD's meta level and learned rates), each
+    reads that level alone, so their windows open and close together and share one trajectory.
     """
     windows: dict[str, list[str]] = {}
     for upper, edges in program._edges.items():
@@ -55,9 +62,10 @@ def live_levels(program) -> dict[str, tuple[str, ...]]:
         options = program.levels[lower].options
         alone = len(uppers) == 1 or all(program.graph.reads(u) == (lower,) for u in uppers)
         orders = {dict(program.levels[u].method.options).get("first_order") for u in uppers}
-        if (program._starts.get(lower) in uppers and alone and len(orders) == 1
+        if (alone and len(orders) == 1
                 and all(program._edges[u][lower] == (u,) for u in uppers)
                 and lower not in program._edges and options.grad_accum == options.tasks == 1
+                and not options.activation_checkpointing
                 and not (options.fp16 or options.bf16) and not program._parallel):
             live[lower] = tuple(uppers)
     return live
@@ -82,7 +90,7 @@ class LiveUnroll:
         hand-written MAML loop computes them."""
         name = level.name
         ends = {low: self._windows[(name, low)].live.params for low in self._reads[name]}
-        loss, metrics = self._cost(level, batch, ends)
+        loss, metrics = self._cost(level, batch, ends, real=True)
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
@@ -98,10 +106,12 @@ class LiveUnroll:
                                             "hypergradient")
 
     def _live_step(self, level, batch) -> float:
-        """Take `level`'s real step functionally on its live window; return its loss.
+        """Take `level`'s real step on its live window; return its loss.
 
-        A window without a trajectory starts one; one resumed from a checkpoint mid-window first
-        takes its recorded steps again, giving the trajectory the uninterrupted run had.
+        The gradient is taken with the graph; the level's optimizer applies it detached and the
+        trajectory is moved to the module's new values. A window without a trajectory starts one;
+        one resumed from a checkpoint mid-window first takes its recorded steps again, giving the
+        trajectory the uninterrupted run had.
         """
         name = level.name
         windows = [self._windows[(upper, name)] for upper in self._live[name]]
@@ -109,32 +119,42 @@ class LiveUnroll:
             start = self._start_trajectory(level, windows[0])
             for window in windows:
                 window.live = start
-            for batches, rule in zip(windows[0].batches, windows[0].optimizers):
-                self._advance(level, windows, batches[0], rule)
+            recorded = windows[0]
+            for step, (batches, rule) in enumerate(zip(recorded.batches, recorded.optimizers)):
+                with replaying(recorded.rng[step], level_device(level)):
+                    self._advance(level, windows, batches[0], rule, real=False)
+                if step < len(recorded.values):  # the values the real step had
+                    _take_values(recorded.live, recorded.values[step])
         micro = batch if batch is not None else self._next_batch(level)
         self._last_batch[name] = micro
         rule = FunctionalOptimizer.from_optimizer(level.optimizer, level.named_parameters(),
                                                   level.options.clip_grad, name)
-        self._record_windows(level, [micro], rule)
+        self._record_windows(level, [micro], rule, rng_state(level_device(level)))
         value, metrics, grads = self._advance(level, windows, micro, rule)
         if grads is not None:
-            _write_back(level, windows[0].live, grads)
-            if level.options.scheduler is not None:
-                level.options.scheduler.step()
+            clipped = level.options.clip_grad is not None  # clipping scales .grad in place
+            for key, p in level.named_parameters().items():
+                p.grad = grads[key].detach().clone() if clipped else grads[key].detach()
+            self._apply(level, self._precision[name])
+            values = _take_values(windows[0].live, level.named_parameters())
+            for window in windows:
+                window.values.append(values)
         else:  # skipped, as a real step would be: the trajectory stays where it is
             self.skipped[name] += 1
         self._record(level, [(value, metrics)])
         return self.history[name][-1]["loss"]
 
-    def _advance(self, level, windows: list, batch, rule: FunctionalOptimizer):
+    def _advance(self, level, windows: list, batch, rule: FunctionalOptimizer, real=True):
         """Take one differentiable step of the trajectory; return (loss, metrics, gradients),
-        gradients None where the loss is not finite (and the step not taken)."""
+        gradients None where the loss is not finite (and the step not taken). `real=False` for a
+        step taken again (a resumed window): running statistics do not advance twice."""
         uppers = self._live[level.name]
         # with several upper levels, one steps its parameters in place before the next one
         # differentiates: the graph reads copies of them
         copy = len(uppers) > 1
         theta = windows[0].live.params
-        loss, metrics = self._cost(level, batch, self._live_inputs(level, uppers, theta, copy))
+        loss, metrics = self._cost(level, batch, self._live_inputs(level, uppers, theta, copy),
+                                   real=real)
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, None
@@ -151,9 +171,13 @@ class LiveUnroll:
         return value, metrics, grads
 
     def _start_trajectory(self, level, window) -> Trajectory:
-        """θ₀ = φ, a copy (φ steps in place while the graph may still be needed)."""
-        start = self._starts[level.name]
-        params = {k: t.clone() for k, t in self.levels[start].named_parameters().items()}
+        """θ₀: the window's recorded start, or a copy of φ for a level that starts from one of
+        its ITD upper levels (φ steps in place while the graph may still be needed)."""
+        start = self._starts.get(level.name)
+        if start in self._live[level.name]:
+            params = {k: t.clone() for k, t in self.levels[start].named_parameters().items()}
+        else:
+            params = {k: t.detach().requires_grad_() for k, t in window.params.items()}
         return Trajectory(params, {k: dict(v) for k, v in window.state.items()})
 
     def _live_sources(self, uppers, copy: bool) -> dict:
@@ -188,16 +212,12 @@ class LiveUnroll:
                 for (k, p), g in zip(sources.items(), grads)}
 
 
-def _write_back(level, trajectory: Trajectory, grads: dict) -> None:
-    """Set the module's parameters, `.grad` and optimizer state to the live step's values."""
-    optimizer_state = level.optimizer.state
-    with torch.no_grad():
-        for key, p in level.named_parameters().items():
-            p.copy_(trajectory.params[key])
-            p.grad = grads[key].detach()
-            for name, t in trajectory.state.get(key, {}).items():  # in place: state is kept
-                entry = optimizer_state[p]
-                if isinstance(entry.get(name), torch.Tensor):
-                    entry[name].copy_(t)
-                else:
-                    entry[name] = t.detach().clone()
+def _take_values(trajectory: Trajectory, source: dict) -> dict:
+    """Give the trajectory the values of `source` (the module after the real step, or those
+    recorded of it), keeping its graph: θ − θ.detach() + value is exactly the value, with θ's
+    derivatives. The torch optimizer's arithmetic (fused kernels, its own order of operations)
+    is authoritative, the mirror's graph gives the derivatives. Returns the values, detached
+    views of the new trajectory (which its graph holds anyway: no copy)."""
+    trajectory.params.update((k, (t - t.detach()).add_(source[k].detach()))
+                             for k, t in trajectory.params.items())
+    return {k: t.detach() for k, t in trajectory.params.items()}

@@ -21,7 +21,7 @@ from .level import Level, registry
 from .live import LiveUnroll, live_levels, live_uppers
 from .precision import Precision
 from .running import Runner
-from .unroll import Window
+from .unroll import Window, level_device, rng_state
 
 
 _ALONE = contextlib.nullcontext()  # one process: no rank to tell about a failure
@@ -98,6 +98,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         self._windows: dict[tuple[str, str], Window] = {}
         for upper in self._edges:
             self._restart_windows(upper)
+        self._unrolled = {lower for _, lower in self._windows}  # levels whose steps are recorded
         self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
                          if lv.data is not None}
         self._parallel = distributed.world_size() > 1
@@ -172,6 +173,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
             self._slide_windows(level)
         if name in self._live:
             return self._live_step(level, batch)
+        rng = rng_state(level_device(level)) if name in self._unrolled else None
         meta_batch = self._meta_batches.get(name)
         if meta_batch is None or not meta_batch.done:
             _clear_grads(level)
@@ -188,7 +190,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
                 self._close_windows(name)
                 return None
             micro_batches, losses, finite = meta_batch.take()
-        self._record_windows(level, micro_batches)  # before the step: its hyperparameters
+        self._record_windows(level, micro_batches, rng=rng)  # before the step: its hyperparameters
         if finite if not self._parallel else distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
@@ -216,10 +218,10 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
             entry.update(metrics)
         self.history[name].append(entry)
 
-    def _record_windows(self, level: Level, micro_batches: list, rule=None) -> None:
+    def _record_windows(self, level: Level, micro_batches: list, rule=None, rng=None) -> None:
         for (upper, lower), window in self._windows.items():
             if lower == level.name:
-                window.record(level, micro_batches, rule)
+                window.record(level, micro_batches, rule, rng)
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""

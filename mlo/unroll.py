@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .optim import FunctionalOptimizer
 
@@ -12,9 +15,11 @@ from .optim import FunctionalOptimizer
 class Window:
     """A lower level's steps since an upper level's last step, enough to replay them differentiably.
 
-    Holds the starting parameters and optimizer state (copies), and per step the micro-batches and
-    a snapshot of the optimizer's hyperparameters (so scheduled learning rates replay exactly).
-    Batches are kept by reference, not copied. A new window replaces the old one at each upper
+    Holds the starting parameters and optimizer state (copies), and per step the micro-batches, a
+    snapshot of the optimizer's hyperparameters (so scheduled learning rates replay exactly) and
+    the random number generator's state before the step's costs ran (so a replay draws the same
+    dropout masks and other random numbers as the real step: it differentiates the trajectory
+    that was taken). Batches are kept by reference, not copied. A new window replaces the old one at each upper
     step, so the memory held never grows beyond one unroll.
     """
 
@@ -22,6 +27,8 @@ class Window:
     state: dict
     batches: list = field(default_factory=list)
     optimizers: list = field(default_factory=list)
+    rng: list = field(default_factory=list)
+    values: list = field(default_factory=list)  # live windows: the parameters after each step
     live: Any = None  # a `live.Trajectory` while the real steps record this window's graph
 
     @property
@@ -35,8 +42,45 @@ class Window:
         return cls({k: p.detach().clone() for k, p in named.items()},
                    mirror.state(level.optimizer, named))
 
-    def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None) -> None:
-        """Record a step about to be taken on `micro_batches` (with `rule`, if already read)."""
+    def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None,
+               rng: dict | None = None) -> None:
+        """Record a step about to be taken on `micro_batches` (with `rule`, if already read;
+        `rng`, the generator state its costs started from, from `rng_state`)."""
         self.batches.append(list(micro_batches))
+        self.rng.append(rng)
         self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(
             level.optimizer, level.named_parameters(), level.options.clip_grad, level.name))
+
+
+def level_device(level) -> torch.device:
+    """The device of a level's parameters (CPU for a level without any)."""
+    for p in level.named_parameters().values():
+        return p.device
+    return torch.device("cpu")
+
+
+def rng_state(device: torch.device) -> dict:
+    """The state of the generators a cost on `device` draws from (CPU, and that CUDA device)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def replaying(state: dict | None, device: torch.device):
+    """Run the block from the generator state `state` (None: as it is), then restore the state
+    the generators had: a replay must not change what later real steps draw."""
+    if state is None:
+        yield
+        return
+    saved = rng_state(device)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved["cpu"])
+        if "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"], device)

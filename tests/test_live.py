@@ -77,7 +77,9 @@ def test_live_window_next_to_a_replayed_one():
             return mse_of(adapt, batch) + 0.5 * (follow() ** 2).sum()
 
         program = mlo.Program(adapt, follow, meta)
-        assert program._live == {"adapt": ("meta",)} and not program._live_uppers
+        assert program._live == {"adapt": ("meta",), "follow": ("meta",)}
+        del program._live["follow"]  # follow is replayed, adapt live (or replayed too)
+        program._live_uppers.clear()
         if not live:
             program._live.clear()
         run(program, tasks)
@@ -125,3 +127,86 @@ def test_two_upper_levels_share_a_live_trajectory_that_reads_both():
             assert torch.allclose(p, other_phi[key], atol=1e-12, rtol=0), key
         assert torch.allclose(rate, other_rate, atol=1e-12, rtol=0)
     assert not torch.allclose(rate, torch.tensor(ALPHA, dtype=D), atol=1e-6)
+
+
+def _reweighting_program(live: bool, clip=None):
+    """A bilevel program with dropout, BatchNorm, Adam (weight decay), a scheduler and ITD over an
+    unroll of 3: the lower level's real steps record the window (live) or it is replayed."""
+    mlo.registry.clear()
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 4, dtype=D), torch.randn(24, 1, dtype=D)
+    net_ = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3),
+                         nn.Linear(6, 1)).to(D)
+    scale = nn.Parameter(torch.zeros(4, dtype=D))
+    optimizer = torch.optim.Adam(net_.parameters(), lr=0.05, weight_decay=0.01)
+    train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+
+    @mlo.level(module=net_, optimizer=optimizer, data=train, unroll=3, clip_grad=clip,
+               scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.7))
+    def fit(batch, module, weigh):
+        inputs, targets = batch
+        return ((module(inputs * weigh().exp()) - targets) ** 2).mean()
+
+    @mlo.level(module=scale, optimizer=torch.optim.SGD([scale], lr=0.5), hypergrad="itd",
+               data=[(x[16:], y[16:])])
+    def weigh(batch, fit):
+        inputs, targets = batch
+        return ((fit(inputs) - targets) ** 2).mean()
+
+    program = mlo.Program(fit, weigh)
+    assert program._live == {"fit": ("weigh",)} and program._live_uppers == {"weigh"}
+    if not live:
+        program._live.clear()
+        program._live_uppers.clear()
+    return program, net_, scale, optimizer
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_plain_itd_recorded_by_the_real_steps_equals_the_replay(clip):
+    """A lower level without mlo.Init: its real steps record the unroll; the hypergradient is the
+    replay's (the replay draws the real steps' dropout masks), the module, its running statistics
+    and its optimizer state those of the torch optimizer."""
+    results = []
+    for live in (True, False):
+        program, net_, scale, optimizer = _reweighting_program(live, clip)
+        torch.manual_seed(5)
+        for _ in range(7):  # ends inside a window
+            program.step()
+        results.append((program, net_, scale, optimizer))
+    (live, net_live, scale_live, opt_live), (_, net_replay, scale_replay, opt_replay) = results
+    assert live.steps["weigh"] == 2 and not live._windows[("weigh", "fit")].live is None
+    assert torch.allclose(scale_live, scale_replay, atol=1e-12, rtol=0)
+    assert scale_live.detach().abs().max() > 1e-4  # a hypergradient that can differ
+    for (key, a), b in zip(net_live.state_dict().items(), net_replay.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12, rtol=0), key
+    assert int(net_live[1].num_batches_tracked) == 7 + 2  # 7 steps, 2 upper forward passes
+    for p, q in zip(net_live.parameters(), net_replay.parameters()):
+        for key, value in opt_replay.state[q].items():
+            assert torch.allclose(opt_live.state[p][key], value, atol=1e-12, rtol=0), key
+
+
+def test_live_trajectory_holds_the_modules_values_exactly():
+    """The graph is evaluated at the torch optimizer's values, bit for bit."""
+    program, net_, _, _ = _reweighting_program(True)
+    for _ in range(2):
+        program.step()
+    trajectory = program._windows[("weigh", "fit")].live
+    for key, p in net_.named_parameters():
+        assert torch.equal(trajectory.params[key], p) and trajectory.params[key].requires_grad
+
+
+def test_resume_inside_a_live_window_continues_bit_for_bit(tmp_path):
+    program, net_, scale, _ = _reweighting_program(True)
+    torch.manual_seed(3)
+    for _ in range(5):  # one step into the second window
+        program.step()
+    program.save(tmp_path / "live.pt")
+    for _ in range(4):
+        program.step()
+    expected = [p.detach().clone() for p in (*net_.parameters(), scale)]
+    fresh, net_again, scale_again, _ = _reweighting_program(True)
+    fresh.load_state_dict(mlo.checkpoint.load(tmp_path / "live.pt"))
+    for _ in range(4):
+        fresh.step()
+    for p, q in zip((*net_again.parameters(), scale_again), expected):
+        assert torch.equal(p, q)

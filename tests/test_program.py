@@ -278,7 +278,8 @@ def test_misuse_of_program_and_run(parts):
 
 # -- known bugs in program.py (kept visible) ---------------------------------------------------------
 
-def test_itd_after_warmup_replays_only_one_unroll(parts):
+@pytest.mark.parametrize("live", [True, False], ids=["live", "replayed"])
+def test_itd_after_warmup_replays_only_one_unroll(parts, live):
     calls = []
 
     @mlo.level(**parts(warmup=5))
@@ -291,10 +292,16 @@ def test_itd_after_warmup_replays_only_one_unroll(parts):
         return lower(X).pow(2).mean()
 
     program = mlo.Program(lower, upper)
+    assert program._live == {"lower": ("upper",)}
+    if not live:
+        program._live.clear()
+        program._live_uppers.clear()
     program.run(7, progress=False)
-    # per global step: lower's own step, plus one replayed step (unroll=1) once upper steps; at
-    # upper's first step one more call: the one-time check that the costs use their handles
-    assert [calls.count(step) for step in range(7)] == [1, 1, 1, 1, 3, 2, 2]
+    # per global step: lower's own step, plus (replayed) one replayed step (unroll=1) once upper
+    # steps; at upper's first step one more call: the one-time check that the costs use their
+    # handles. Live, the real steps record the window, so the warmup's steps are never run again
+    expected = [1, 1, 1, 1, 2, 1, 1] if live else [1, 1, 1, 1, 3, 2, 2]
+    assert [calls.count(step) for step in range(7)] == expected
 
 
 def test_level_named_validate_keeps_its_own_history(parts):

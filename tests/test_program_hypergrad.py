@@ -188,7 +188,11 @@ def test_hypergradient_passes_record_no_graph_for_levels_not_differentiated(meth
     def outer(inner):
         return (inner() ** 2).sum()
 
-    mlo.Program(helper, inner, outer).step()
+    program = mlo.Program(helper, inner, outer)
+    program.step()
+    if program._live:  # itd: inner's real step records the unroll, with helper frozen in it
+        assert method == "itd" and not any(tracked)
+        return
     assert tracked[0] is True  # inner's own step: the live helper, never differentiated
     assert len(tracked) > 1 and not any(tracked[1:])  # hypergradient passes: detached
 
