@@ -23,12 +23,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-import weakref
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import mlo
+
+from .harness import LiveBytes
 
 METHODS = {"aid_fd": "aid_fd", "aid_cg": mlo.hypergrad.aid_cg(iters=3), "itd": "itd",
            "first_order": "first_order"}
@@ -37,34 +36,6 @@ METHODS = {"aid_fd": "aid_fd", "aid_cg": mlo.hypergrad.aid_cg(iters=3), "itd": "
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-class LiveBytes(TorchDispatchMode):
-    """Track the bytes of tensor storages created by operators and still alive; keep the peak.
-
-    Exact for tensors (not allocator caches or fragmentation); storages alive before the mode
-    starts (parameters, data) are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self._seen = 0, 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self._seen.discard(key)
-        self.live -= size
 
 
 def measure(method: str, recompute: bool, args) -> dict:

@@ -40,11 +40,14 @@ import platform
 import statistics
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 MEMORY_STEPS = 2  # extra outer steps per implementation, after the timed ones, to measure memory
@@ -174,6 +177,34 @@ class _RssSampler:
         self.done.set()
         self.thread.join()
         return max(0, max(self.peak, self.process.memory_info().rss) - self.base)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Track the bytes of tensor storages created by operators and still alive; keep the peak.
+
+    Exact for tensors (not allocator caches or fragmentation); storages alive before the mode
+    starts (parameters, data) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
 
 
 def _sync(device: str) -> None:

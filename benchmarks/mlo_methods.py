@@ -2,7 +2,8 @@
 
 Method names are the benchmarks' own: "aid_fd" is mlo's default, exact identity-Hessian product
 −ξ ∂²f/∂φ∂θ · v (`aid_fd()`), and "aid_fd_central" its central finite difference
-(`aid_fd(r=..., exact=False)`, DARTS' formula, the one Betty's `darts` computes). Other options
+(`aid_fd(r=..., exact=False)`, DARTS' formula, the one Betty's `darts` computes); "itd_recompute"
+is `itd(recompute=True)`. Other options
 that this version of `mlo.hypergrad` does not accept are left at its defaults (the harness reports
 the resulting method object, whose repr shows what ran).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 
-FACTORIES = {"aid_fd_central": "aid_fd"}  # benchmark method -> mlo.hypergrad factory
+FACTORIES = {"aid_fd_central": "aid_fd", "itd_recompute": "itd"}  # benchmark method -> factory
 
 
 def method(name: str, iters: int = 3, r: float = 0.01, alpha: float | None = None):
@@ -24,7 +25,8 @@ def method(name: str, iters: int = 3, r: float = 0.01, alpha: float | None = Non
               "aid_neumann": {"iters": iters, "alpha": alpha},
               "aid_fd": {},
               "aid_fd_central": {"r": r, "exact": False},
-              "itd": {}}[name]
+              "itd": {},
+              "itd_recompute": {"recompute": True}}[name]
     accepted = inspect.signature(factory).parameters
     return factory(**{k: v for k, v in wanted.items() if k in accepted and v is not None})
 

@@ -201,14 +201,15 @@ def _window_state(window: Window) -> dict:
     return {"params": window.params, "state": window.state, "batches": window.batches,
             "optimizers": [{"kind": o.kind, "hyper": o.hyper, "clip_grad": o.clip_grad}
                            for o in window.optimizers], "rng": window.rng,
-            "values": window.values}
+            "values": window.values, "points": window.points}
 
 
 def _window_from(state: dict) -> Window:
     batches = list(state["batches"])
     return Window(state["params"], state["state"], batches,
                   [FunctionalOptimizer(**o) for o in state["optimizers"]],
-                  list(state.get("rng", [None] * len(batches))), list(state.get("values", [])))
+                  list(state.get("rng", [None] * len(batches))), list(state.get("values", [])),
+                  list(state.get("points", [])))
 
 
 def _rng_state() -> dict:

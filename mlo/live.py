@@ -54,7 +54,8 @@ def live_levels(program) -> dict[str, tuple[str, ...]]:
     """
     windows: dict[str, list[str]] = {}
     for upper, edges in program._edges.items():
-        if program.levels[upper].method.name == "itd":
+        method = program.levels[upper].method
+        if method.name == "itd" and not dict(method.options).get("recompute"):
             for lower in edges:
                 windows.setdefault(lower, []).append(upper)
     live = {}

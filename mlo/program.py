@@ -99,6 +99,8 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         for upper in self._edges:
             self._restart_windows(upper)
         self._unrolled = {lower for _, lower in self._windows}  # levels whose steps are recorded
+        self._keep = {upper: _kept_on(lv) for upper, lv in self.levels.items()
+                      if lv.method is not None and dict(lv.method.options).get("recompute")}
         self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
                          if lv.data is not None}
         self._parallel = distributed.world_size() > 1
@@ -221,7 +223,9 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
     def _record_windows(self, level: Level, micro_batches: list, rule=None, rng=None) -> None:
         for (upper, lower), window in self._windows.items():
             if lower == level.name:
-                window.record(level, micro_batches, rule, rng)
+                keep = self._keep.get(upper)
+                window.record(level, micro_batches, rule, rng,
+                              keep and (keep if keep == "cpu" else level_device(level)))
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""
@@ -319,6 +323,12 @@ def _check_levels(levels) -> None:
                              "@mlo.level(name=...).")
         names.add(lv.name)
     checks.check_shared(levels)
+
+
+def _kept_on(upper: Level) -> str:
+    """Where `itd(recompute=True)` keeps the lower levels' steps: "cpu" with offload=True, else
+    on each lower level's own device ("device")."""
+    return "cpu" if dict(upper.method.options).get("offload") else "device"
 
 
 def _device_type(level: Level) -> str:

@@ -29,6 +29,7 @@ class Window:
     optimizers: list = field(default_factory=list)
     rng: list = field(default_factory=list)
     values: list = field(default_factory=list)  # live windows: the parameters after each step
+    points: list = field(default_factory=list)  # itd(recompute=True): (θ_t, state_t), t ≥ 1
     live: Any = None  # a `live.Trajectory` while the real steps record this window's graph
 
     @property
@@ -43,9 +44,18 @@ class Window:
                    mirror.state(level.optimizer, named))
 
     def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None,
-               rng: dict | None = None) -> None:
+               rng: dict | None = None, keep: str | None = None) -> None:
         """Record a step about to be taken on `micro_batches` (with `rule`, if already read;
-        `rng`, the generator state its costs started from, from `rng_state`)."""
+        `rng`, the generator state its costs started from, from `rng_state`). With `keep` (a
+        device, for `itd(recompute=True)`) the step's starting point is kept there too: the
+        parameters and optimizer state, copied before the step changes them."""
+        if keep is not None and self.batches:
+            named = level.named_parameters()
+            mirror = FunctionalOptimizer.from_optimizer(level.optimizer, named, level=level.name)
+            state = mirror.state(level.optimizer, named, copy=False)
+            self.points.append(({k: p.detach().to(keep, copy=True) for k, p in named.items()},
+                                {k: {n: x.to(keep, copy=True) for n, x in entry.items()}
+                                 for k, entry in state.items()}))
         self.batches.append(list(micro_batches))
         self.rng.append(rng)
         self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(

@@ -144,7 +144,7 @@ def test_reptile_is_an_upper_cost_without_hypergrad():
     assert_params_close(meta_net, phi)
 
 
-def meta_sgd_program(tasks, gamma):
+def meta_sgd_program(tasks, gamma, hypergrad="itd"):
     """MAML with a learned SGD rate per parameter tensor (a third level, `inner_lr`)."""
     learner, meta_net = net(), net()
     rates = nn.ParameterList(nn.Parameter(torch.tensor(ALPHA * (1 + i / 10), dtype=D))
@@ -159,12 +159,12 @@ def meta_sgd_program(tasks, gamma):
     queries = [q for _, q in tasks]
 
     @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
-               data=queries, hypergrad="itd", tasks=2)
+               data=queries, hypergrad=hypergrad, tasks=2)
     def meta(batch, adapt):
         return mse_of(adapt, batch)
 
     @mlo.level(module=rates, optimizer=torch.optim.SGD(rates.parameters(), lr=gamma),
-               data=queries, hypergrad="itd", tasks=2)
+               data=queries, hypergrad=hypergrad, tasks=2)
     def inner_lr(batch, adapt):
         return mse_of(adapt, batch)
 

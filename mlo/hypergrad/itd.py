@@ -8,7 +8,8 @@ from ..optim import FunctionalOptimizer, sgd
 from ._method import Method
 
 
-def itd(steps: int = 1, first_order: bool = False) -> Method:
+def itd(steps: int = 1, first_order: bool = False, recompute: bool = False,
+        offload: bool = False) -> Method:
     """Differentiate through the inner optimizer's recorded steps (ITD, reverse-mode).
 
     With θ_0 = `inner_params` and θ_{t+1} = update(θ_t, ∇_θ f_t(θ_t, φ)), returns (dθ_T/dφ)ᵀ v.
@@ -20,9 +21,19 @@ def itd(steps: int = 1, first_order: bool = False) -> Method:
     them. `init`, a function of the outer params returning θ_0, makes the start differentiable
     (θ_0 = φ: MAML). `first_order=True` holds each step's gradient ∇_θ f_t constant (FOMAML):
     only the paths through θ_0 and the update's own hyperparameters remain, and no second-order
-    graph is built. Inside a `Program` the inner level's recorded steps since the upper level's
-    last step are replayed with the functional mirror of its own optimizer. Cost: T forward and
-    backward passes kept for a second backward: memory grows with T.
+    graph is built. Inside a `Program` the inner level's real steps record the graph (see
+    `mlo.live`), or its recorded steps since the upper level's last step are replayed with the
+    functional mirror of its own optimizer. Cost: T forward and backward passes kept for a second
+    backward: memory grows with T, by one step's double-backward graph per step.
+
+    `recompute=True` trades time for memory: only each step's starting point (θ_t and the
+    optimizer state) is kept, and the reverse pass rebuilds one step's graph at a time from it,
+    λ_t = (∂θ_{t+1}/∂θ_t)ᵀ λ_{t+1} (the vector-Jacobian product of the update, Hessian included)
+    and the outer parameters' share (∂θ_{t+1}/∂φ)ᵀ λ_{t+1}. Same result (to rounding); memory:
+    T copies of the parameters and optimizer state plus one step's graph; time: one more forward
+    and backward pass per step than recording the graph (none more than a replay: inside a
+    `Program` the real steps' values are kept, so nothing is taken twice). `offload=True` keeps
+    those copies in CPU memory (for a lower level on a GPU) and brings each back for its step.
 
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
     >>> out = itd(steps=2)(f, {"w": torch.zeros(1)}, {"lam": torch.ones(1)}, {"w": torch.ones(1)},
@@ -35,7 +46,7 @@ def itd(steps: int = 1, first_order: bool = False) -> Method:
     tensor([1.])
     """
     def method(loss_fn, inner_params, outer_params, v, *, optimizer=None, state=None, lr=None,
-               init=None, **context):
+               init=None, trajectory=None, **context):
         losses = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] * steps
         if optimizer is None:
             if lr is None:
@@ -47,6 +58,9 @@ def itd(steps: int = 1, first_order: bool = False) -> Method:
                 optimizer = optimizer(outer)
             updates = list(optimizer) if isinstance(optimizer, (list, tuple)) \
                 else [optimizer] * len(losses)
+            if recompute:
+                return _recomputed(losses, updates, inner_params, state or {}, outer, v, init,
+                                   not first_order, trajectory, offload)
             # a view is a node of its own: ∇_θ f then excludes f's dependence on φ through θ₀ = φ
             params = {k: t.view_as(t) for k, t in init(outer).items()} if init is not None \
                 else {k: t.detach().requires_grad_() for k, t in inner_params.items()}
@@ -61,7 +75,8 @@ def itd(steps: int = 1, first_order: bool = False) -> Method:
         return {k: torch.zeros_like(t) if g is None else g
                 for (k, t), g in zip(outer.items(), grads)}
 
-    options = (("steps", steps),) + ((("first_order", True),) if first_order else ())
+    options = (("steps", steps),) + ((("first_order", True),) if first_order else ()) \
+        + ((("recompute", True),) if recompute else ()) + ((("offload", True),) if offload else ())
     return Method("itd", method, options)
 
 
@@ -71,3 +86,83 @@ def _unrolled_step(f, update: FunctionalOptimizer, params, outer, opt_state, sec
                                 create_graph=second_order, allow_unused=True)
     grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, grads)}
     return update.step(params, grads, opt_state)
+
+
+def _recomputed(losses, updates, start, state, outer, v, init, second_order, trajectory, offload):
+    """ITD's reverse pass one step at a time, from each step's kept starting point.
+
+    `trajectory` lists (θ_t, state_t) for t = 1 … T−1 (a `Program` keeps them from its real
+    steps); without it a forward pass without any graph computes them. θ_0 is `start`, or
+    init(outer) for a differentiable start.
+    """
+    device = next(iter(start.values())).device
+    if init is not None:
+        with torch.no_grad():
+            start = init(outer)
+    points = [(_kept(start, False), _kept(state, False))]
+    if trajectory is None:
+        trajectory = _forward(losses, updates, start, state, outer, offload)
+    points += list(trajectory)
+    adjoint, state_adjoint = dict(v), {}
+    result = {k: torch.zeros_like(t) for k, t in outer.items()}
+    for t in reversed(range(len(losses))):
+        values, opt_state = points[t]
+        params = {k: x.view_as(x) for k, x in init(outer).items()} if t == 0 and init is not None \
+            else {k: _to(x, device).requires_grad_() for k, x in values.items()}
+        opt_state = {k: {n: _to(x, device).requires_grad_() if _float(n, x) else _to(x, device)
+                         for n, x in entry.items()} for k, entry in opt_state.items()}
+        new_params, new_state = _unrolled_step(losses[t], updates[t], params, outer, opt_state,
+                                               second_order)
+        outputs = [(new_params[k], adjoint[k]) for k in new_params if new_params[k].requires_grad]
+        outputs += [(new_state[k][n], a) for k, entry in state_adjoint.items()
+                    for n, a in entry.items() if new_state[k][n].requires_grad]
+        leaves = [] if t == 0 and init is not None else list(params.items())
+        state_leaves = [((k, n), x) for k, entry in opt_state.items() for n, x in entry.items()
+                        if x.requires_grad]
+        inputs = [x for _, x in leaves] + [x for _, x in state_leaves] + list(outer.values())
+        grads = torch.autograd.grad([o for o, _ in outputs], inputs, [a for _, a in outputs],
+                                    allow_unused=True) if outputs else [None] * len(inputs)
+        adjoint = {k: torch.zeros_like(x) if g is None else g
+                   for (k, x), g in zip(leaves, grads)}
+        state_adjoint = {}
+        for ((k, n), _), g in zip(state_leaves, grads[len(leaves):]):
+            if g is not None:
+                state_adjoint.setdefault(k, {})[n] = g
+        for key, g in zip(outer, grads[len(leaves) + len(state_leaves):]):
+            if g is not None:
+                result[key] = result[key] + g
+    return result
+
+
+def _forward(losses, updates, start, state, outer, offload: bool) -> list:
+    """θ_t and the optimizer state for t = 1 … T−1, with no graph kept."""
+    points, params = [], {k: t.detach() for k, t in start.items()}
+    frozen = {k: t.detach() for k, t in outer.items()}
+    for f, update in zip(losses[:-1], updates[:-1]):
+        params = {k: t.requires_grad_() for k, t in params.items()}
+        grads = torch.autograd.grad(f(params, frozen), list(params.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(params.items(),
+                                                                                  grads)}
+        with torch.no_grad():
+            params, state = update.step({k: t.detach() for k, t in params.items()}, grads, state)
+        points.append((_kept(params, offload), _kept(state, offload)))
+    return points
+
+
+def _kept(tree: dict, offload: bool) -> dict:
+    """A detached copy of a {name: tensor} or {name: {name: tensor}} dict (on the CPU with
+    `offload`)."""
+    def keep(x):
+        x = x.detach()
+        return x.to("cpu", copy=True) if offload else x
+    return {k: {n: keep(x) for n, x in v.items()} if isinstance(v, dict) else keep(v)
+            for k, v in tree.items()}
+
+
+def _to(x: torch.Tensor, device) -> torch.Tensor:
+    return x.detach().to(device) if x.device != device else x.detach()
+
+
+def _float(name: str, x: torch.Tensor) -> bool:
+    """Whether an optimizer state entry carries derivatives (moments do; Adam's step count not)."""
+    return name != "step" and x.is_floating_point()
