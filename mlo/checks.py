@@ -3,7 +3,6 @@ explanations of failures inside a level step."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 
@@ -66,22 +65,19 @@ def check_shared(levels) -> None:
                     f"let one level read the other's parameters through its handle.")
 
 
-@contextlib.contextmanager
-def explained(program, name: str, batch, step: int):
-    """Re-raise a device or dtype clash between a level's batch and parameters as a LevelError.
+def explain(program, name: str, batch, step: int, error: RuntimeError) -> None:
+    """Re-raise a device or dtype clash between a level's batch and parameters as a LevelError
+    (raise `error` itself otherwise).
 
     Only failures torch already raised are explained (a cost may legitimately convert its batch),
     and the original error stays chained. Cost: nothing unless the step raises.
     """
-    try:
-        yield
-    except RuntimeError as error:
-        stream = program._streams.get(name)
-        drawn = batch if batch is not None else getattr(stream, "last", None)
-        hint = _clash(program, program.levels[name], _first_float(drawn), str(error))
-        if hint is None:
-            raise
-        raise LevelError(f"Program.step (step {step}): level '{name}': {hint}") from error
+    stream = program._streams.get(name)
+    drawn = batch if batch is not None else getattr(stream, "last", None)
+    hint = _clash(program, program.levels[name], _first_float(drawn), str(error))
+    if hint is None:
+        raise error
+    raise LevelError(f"Program.step (step {step}): level '{name}': {hint}") from error
 
 
 def _clash(program, level, tensor, message: str) -> str | None:

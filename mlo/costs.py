@@ -72,6 +72,9 @@ class Costs:
         if level.name in self._live_uppers and self._reads_live(level.name):
             return self._live_accumulate(level, batch, precision)
         edges = self._edges.get(level.name, {})
+        reducer = self._reducers.get(level.name)
+        if not edges and reducer is None and precision.scaler is None:
+            return self._accumulate_own(level, batch, precision)
         reads = self._reads[level.name]
         params = {low: self.levels[low].named_parameters() for low in reads}
         loss, metrics = self._cost(level, batch, {})
@@ -84,7 +87,6 @@ class Costs:
         scaled = scaled_loss(level, precision, loss)
         own = level.named_parameters()
         inputs = list(own.values()) + [t for low in reads for t in params[low].values()]
-        reducer = self._reducers.get(level.name)
         if reducer is not None:  # own gradients are averaged over ranks during the backward pass
             reducer.arm()
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True) if scaled.requires_grad \
@@ -105,6 +107,20 @@ class Costs:
                   for key, g in zip(own, grads[:len(own)])]
         add_to_grads(own.values(), totals)
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"), "hypergradient")
+
+    def _accumulate_own(self, level: Level, batch, precision: Precision):
+        """`_accumulate` for a level without hypergradient, loss scaling or reducer: its own
+        gradient only (the common lower level, stepped thousands of times: no more work than a
+        hand-written step)."""
+        loss, metrics = self._cost(level, batch, {})
+        value = float(loss.detach())
+        if not self._finite(level, value, "loss"):
+            return value, metrics, False
+        if loss.requires_grad:
+            own = level.named_parameters().values()
+            add_to_grads(own, torch.autograd.grad(scaled_loss(level, precision, loss), list(own),
+                                                  allow_unused=True))
+        return value, metrics, True
 
     def _finite(self, level: Level, value: float, what: str) -> bool:
         if value == value and abs(value) != float("inf"):

@@ -142,8 +142,7 @@ class LiveUnroll:
                 window.values.append(values)
         else:  # skipped, as a real step would be: the trajectory stays where it is
             self.skipped[name] += 1
-        self._record(level, [(value, metrics)])
-        return self.history[name][-1]["loss"]
+        return self._record(level, [(value, metrics)])
 
     def _advance(self, level, windows: list, batch, rule: FunctionalOptimizer, real=True):
         """Take one differentiable step of the trajectory; return (loss, metrics, gradients),

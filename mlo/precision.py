@@ -6,6 +6,9 @@ import contextlib
 
 import torch
 
+from . import fast_step
+
+_NO_AUTOCAST = contextlib.nullcontext()
 
 class Precision:
     """A level's compute precision: float16 autocast with dynamic loss scaling, bfloat16, or none.
@@ -24,7 +27,7 @@ class Precision:
     def autocast(self):
         """Return the context that runs this level's cost in its compute dtype."""
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def scale_loss(self, loss):
@@ -43,7 +46,7 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step `optimizer` unless its gradients overflowed; return whether the step was applied."""
         if self.scaler is None:
-            optimizer.step()
+            fast_step.step(optimizer)
             return True
         if not _has_grads(optimizer):
             return True  # nothing to unscale or check: the step is a no-op, as in plain torch

@@ -141,8 +141,11 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         for name in self.graph.order:
             if self._ready(name):
                 guard = distributed.guard(self.global_step, name) if self._parallel else _ALONE
-                with guard, checks.explained(self, name, batches.get(name), self.global_step):
-                    loss = self._step_level(self.levels[name], batches.get(name))
+                try:
+                    with guard:
+                        loss = self._step_level(self.levels[name], batches.get(name))
+                except RuntimeError as error:  # a device or dtype clash becomes a LevelError
+                    checks.explain(self, name, batches.get(name), self.global_step, error)
                 if loss is not None:  # None: a task of a meta-batch, not yet a step
                     losses[name] = loss
         self.global_step += 1
@@ -192,14 +195,14 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
                 self._close_windows(name)
                 return None
             micro_batches, losses, finite = meta_batch.take()
-        self._record_windows(level, micro_batches, rng=rng)  # before the step: its hyperparameters
+        if rng is not None:  # before the step: its hyperparameters
+            self._record_windows(level, micro_batches, rng=rng)
         if finite if not self._parallel else distributed.all_ranks(finite):
             self._apply(level, precision)
         else:
             self.skipped[name] += 1
             _clear_grads(level)
-        self._record(level, losses)
-        return self.history[name][-1]["loss"]
+        return self._record(level, losses)
 
     def _apply(self, level: Level, precision: Precision) -> None:
         if self._parallel and level.name not in self._reducers:
@@ -211,14 +214,17 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         if precision.step(level.optimizer) and level.options.scheduler is not None:
             level.options.scheduler.step()
 
-    def _record(self, level: Level, losses: list) -> None:
+    def _record(self, level: Level, losses: list) -> float:
+        """Count the step, close the windows it ends and log it; return its (mean) loss."""
         name = level.name
         self.steps[name] += 1
         self._close_windows(name)
-        entry = {"step": self.global_step + 1, "loss": sum(l for l, _ in losses) / len(losses)}
+        loss = sum(l for l, _ in losses) / len(losses)
+        entry = {"step": self.global_step + 1, "loss": loss}
         for _, metrics in losses[-1:]:
             entry.update(metrics)
         self.history[name].append(entry)
+        return loss
 
     def _record_windows(self, level: Level, micro_batches: list, rule=None, rng=None) -> None:
         for (upper, lower), window in self._windows.items():
