@@ -22,9 +22,10 @@ NOTES = [
     "corrected by a monkeypatch, `python -m benchmarks.betty_cg_check`, it agrees with the hand-written CG to 3e-7 relative); "
     "Betty's itd (IterativeProblem) does not run with torch 2.x. TorchOpt has no aid_fd or "
     "aid_fd_central; higher has only itd.",
-    "mlo's itd inside a Program replays the inner level's recorded steps since the outer "
-    "level's last step (here all `unroll` of them); the `steps` shown in its repr is the "
-    "functional core's default and is not used there.",
+    "mlo's itd inside a Program records the lower level's real steps' graph (the torch "
+    "optimizer applies each step; the functional mirror extends the graph) and runs one backward "
+    "pass at the upper level's step; the `steps` shown in its repr is the functional core's "
+    "default and is not used there.",
     "Δ hypergrad: each implementation is rebuilt from the initial parameters and takes one outer "
     "step; the gradient its λ optimizer applies is recorded by a torch.optim step pre-hook and "
     "compared with the hand-written one.",

@@ -35,9 +35,10 @@ NOTES = [
     "`torchopt.MetaSGD`. It has no identity-Hessian (aid_fd, aid_fd_central) method.",
     "higher 0.2.1: itd only (`innerloop_ctx` with a differentiable SGD); it has no implicit "
     "differentiation.",
-    "mlo's itd inside a Program replays the classifier's recorded steps since the weight net's "
-    "last step (all `unroll` of them); the `steps` in its repr is the functional core's default "
-    "and is not used there.",
+    "mlo's itd inside a Program records the lower level's real steps' graph (the torch "
+    "optimizer applies each step; the functional mirror extends the graph) and runs one backward "
+    "pass at the upper level's step; the `steps` shown in its repr is the functional core's "
+    "default and is not used there.",
     "Δ hypergrad: each implementation is rebuilt from the initial parameters and takes one outer "
     "step; the gradient its weight-net optimizer applies is recorded by a torch.optim step "
     "pre-hook and compared with the hand-written one.",
