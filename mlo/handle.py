@@ -12,6 +12,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from . import rebind
+
 
 class Handle:
     """A level's module as one cost must see it: the module, run with the parameters in use.
@@ -212,4 +214,6 @@ def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
     tensors = {prefix + k: t for k, t in params.items()}
     if not real:
         tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
-    return functional_call(module, tensors, args, kwargs, strict=False)
+    if isinstance(module, _Member):
+        return functional_call(module, tensors, args, kwargs, strict=False)
+    return rebind.call(module, tensors, args, kwargs)

@@ -273,3 +273,31 @@ def test_a_cost_ignoring_some_parameters_is_not_an_error(monkeypatch):
         program.step()
     assert program.steps == {"lower": 6, "upper": 3}
     assert checks == ["upper"]  # checked once, at the first upper step, never again
+
+
+def test_rebinding_equals_functional_call_and_restores_the_module():
+    """mlo.rebind.call computes functional_call's result; tied weights and reassigned parameters
+    take functional_call itself; the module's own tensors are back afterwards, also after an
+    error."""
+    from mlo import rebind
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    params = {k: torch.randn_like(p) for k, p in net.named_parameters()}
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    originals = dict(net.named_parameters())
+    assert torch.equal(rebind.call(net, {**params, **buffers}, (x,), {}),
+                       functional_call(net, {**params, **buffers}, (x,)))
+    assert all(p is originals[k] for k, p in net.named_parameters())
+    with pytest.raises(RuntimeError):
+        rebind.call(net, params, (torch.randn(5, 7),), {})
+    assert all(p is originals[k] for k, p in net.named_parameters())
+    net[2].weight = nn.Parameter(torch.randn(2, 4))  # reassigned: the cache is rebuilt
+    params["2.weight"] = torch.randn(2, 4)
+    assert torch.equal(rebind.call(net, params, (x,), {}), functional_call(net, params, (x,)))
+    tied = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
+    tied[1].weight = tied[0].weight
+    weight = {"0.weight": torch.randn(3, 3)}
+    assert rebind._slots(tied) is None
+    assert torch.equal(rebind.call(tied, weight, (x,), {}), functional_call(tied, weight, (x,)))
