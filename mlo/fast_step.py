@@ -30,7 +30,7 @@ def step(optimizer: torch.optim.Optimizer) -> None:
     raw = _unwrapped(optimizer)
     if raw is None:
         optimizer.step()
-    elif type(optimizer) is torch.optim.SGD and _plain_cpu_sgd(optimizer):
+    elif plain_cpu_sgd(optimizer):
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -61,7 +61,11 @@ def _unwrapped(optimizer: torch.optim.Optimizer):
     return wrapped
 
 
-def _plain_cpu_sgd(optimizer: torch.optim.SGD) -> bool:
+def plain_cpu_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` is plain SGD on CPU: its step is `p.add_(p.grad, alpha=-lr)` per
+    parameter (the functional mirror's `torch.add(p, g, alpha=-lr)`, bit for bit)."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
     for group in optimizer.param_groups:
         if (group["momentum"] or group["weight_decay"] or group["maximize"]
                 or group.get("foreach") or group.get("fused") or type(group["lr"]) is not float):

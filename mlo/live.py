@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fast_step
 from .costs import all_finite, add_to_grads, scaled_loss
 from .optim import FunctionalOptimizer
 from .unroll import level_device, replaying, rng_state
@@ -137,7 +138,11 @@ class LiveUnroll:
             for key, p in level.named_parameters().items():
                 p.grad = grads[key].detach().clone() if clipped else grads[key].detach()
             self._apply(level, self._precision[name])
-            values = _take_values(windows[0].live, level.named_parameters())
+            if level.options.clip_grad is None and fast_step.plain_cpu_sgd(level.optimizer):
+                # the mirror's update is the optimizer's own arithmetic: the values are equal
+                values = {k: t.detach() for k, t in windows[0].live.params.items()}
+            else:
+                values = _take_values(windows[0].live, level.named_parameters())
             for window in windows:
                 window.values.append(values)
         else:  # skipped, as a real step would be: the trajectory stays where it is

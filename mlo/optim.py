@@ -109,6 +109,8 @@ def _sgd(p, g, state, hyper, kind):
         buffer = g if buffer is None else hyper["momentum"] * buffer + (1 - hyper["dampening"]) * g
         new_state["momentum_buffer"] = buffer
         g = g + hyper["momentum"] * buffer if hyper["nesterov"] else buffer
+    if isinstance(hyper["lr"], float):  # torch.optim.SGD's own arithmetic: p + (−lr)·g, one op
+        return torch.add(p, g, alpha=-hyper["lr"]), new_state
     return p - hyper["lr"] * g, new_state
 
 

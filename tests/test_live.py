@@ -211,3 +211,33 @@ def test_resume_inside_a_live_window_continues_bit_for_bit(tmp_path):
         fresh.step()
     for p, q in zip((*net_again.parameters(), scale_again), expected):
         assert torch.equal(p, q)
+
+
+def test_plain_sgd_trajectory_equals_the_module_without_correction():
+    """Plain SGD: the mirror's update is torch.optim.SGD's arithmetic, bit for bit."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        p = torch.randn(1000, dtype=dtype)
+        g = torch.randn(1000, dtype=dtype)
+        module = nn.Parameter(p.clone())
+        module.grad = g.clone()
+        optimizer = torch.optim.SGD([module], lr=0.1234567)
+        optimizer.step()
+        rule = mlo.optim.FunctionalOptimizer.from_optimizer(optimizer, {"w": module})
+        stepped, _ = rule.step({"w": p}, {"w": g}, {})
+        assert torch.equal(stepped["w"], module.detach())
+    mlo.registry.clear()
+    w, lam = nn.Parameter(torch.randn(7, dtype=D)), nn.Parameter(torch.zeros(7, dtype=D))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.3), unroll=4)
+    def inner(module, outer):
+        return ((module() - outer().exp()) ** 4).sum()
+
+    @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="itd")
+    def outer(inner):
+        return (inner() ** 2).sum()
+
+    program = mlo.Program(inner, outer)
+    for _ in range(3):
+        program.step()
+    assert torch.equal(program._windows[("outer", "inner")].live.params["param"], w)
