@@ -1,4 +1,5 @@
-"""Peak memory and time of `itd` against `itd(recompute=True)` on the reweighting program.
+"""Peak memory and time of `itd` against `itd(recompute=True)` (keeping every step's starting
+point, and every k-th with k = round(√unroll)) on the reweighting program.
 
     python -m benchmarks.itd_memory --unrolls 5 20 100 --threads 1
 
@@ -43,22 +44,22 @@ def main(argv=None) -> int:
     name = "mlp 784-" + "-".join(map(str, args.hidden)) + "-10"
     lines, rows_all = [], []
     for unroll in args.unrolls:
+        every = max(2, round(unroll ** 0.5))
+        methods = ("itd", "itd_recompute", f"itd_recompute_{every}")
         cases = [Case(f"{name}, {m}, unroll {unroll}", m,
                       common.Config(method=m, unroll=unroll, hidden=tuple(args.hidden),
                                     batch=args.batch, device=args.device),
-                      warmup=1, reps=args.reps) for m in ("itd", "itd_recompute")]
+                      warmup=1, reps=args.reps) for m in methods]
         rows = measure(program, "reweight", cases, ["mlo_impl"], check=False)
         rows_all += rows
-        whole, kept = rows
         tensors = [_tensor_peak_mb(case.config) for case in cases]
-        lines.append(f"| {unroll} | {whole.median:.1f} | {kept.median:.1f} | "
-                     f"{kept.median / whole.median:.2f} | {tensors[0]:.1f} | {tensors[1]:.1f} | "
-                     f"{tensors[0] / tensors[1]:.1f} | {whole.peak_mb:.1f} | {kept.peak_mb:.1f} |")
-        print(lines[-1], flush=True)
-    table = ("| unroll | itd ms | recompute ms | time (recompute / itd) | itd peak tensor MiB | "
-             "recompute peak tensor MiB | memory (itd / recompute) | itd peak RSS MiB | "
-             "recompute peak RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-             + "\n".join(lines) + "\n")
+        whole = rows[0]
+        for row, tensor, label in zip(rows, tensors, ("itd", "recompute", f"recompute, every {every}")):
+            lines.append(f"| {unroll} | {label} | {row.median:.1f} | {row.median / whole.median:.2f} "
+                         f"| {tensor:.1f} | {tensors[0] / tensor:.2f} | {row.peak_mb:.1f} |")
+            print(lines[-1], flush=True)
+    table = ("| unroll | method | ms / outer step | time / itd | peak tensor MiB | memory: itd / "
+             "this | peak RSS MiB |\n|---:|---|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
     command = "python -m benchmarks.itd_memory " + " ".join(argv or [])
     report.write("itd_memory", f"itd against itd(recompute=True), {name}, batch {args.batch}",
                  info, command, rows_all, [], extra=table)

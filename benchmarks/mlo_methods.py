@@ -3,7 +3,7 @@
 Method names are the benchmarks' own: "aid_fd" is mlo's default, exact identity-Hessian product
 −ξ ∂²f/∂φ∂θ · v (`aid_fd()`), and "aid_fd_central" its central finite difference
 (`aid_fd(r=..., exact=False)`, DARTS' formula, the one Betty's `darts` computes); "itd_recompute"
-is `itd(recompute=True)`. Other options
+is `itd(recompute=True)`, "itd_recompute_<k>" `itd(recompute=True, keep_every=k)`. Other options
 that this version of `mlo.hypergrad` does not accept are left at its defaults (the harness reports
 the resulting method object, whose repr shows what ran).
 """
@@ -20,6 +20,8 @@ def method(name: str, iters: int = 3, r: float = 0.01, alpha: float | None = Non
     iterations, the finite-difference radius and Neumann α."""
     import mlo
 
+    if name.startswith("itd_recompute_"):  # itd_recompute_<k>: keep every k-th step
+        return mlo.hypergrad.itd(recompute=True, keep_every=int(name.rsplit("_", 1)[1]))
     factory = getattr(mlo.hypergrad, FACTORIES.get(name, name))
     wanted = {"aid_cg": {"iters": iters, "damping": 0.0},
               "aid_neumann": {"iters": iters, "alpha": alpha},

@@ -99,7 +99,8 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         for upper in self._edges:
             self._restart_windows(upper)
         self._unrolled = {lower for _, lower in self._windows}  # levels whose steps are recorded
-        self._keep = {upper: _kept_on(lv) for upper, lv in self.levels.items()
+        self._keep = {upper: (_kept_on(lv), dict(lv.method.options).get("keep_every", 1))
+                      for upper, lv in self.levels.items()
                       if lv.method is not None and dict(lv.method.options).get("recompute")}
         self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
                          if lv.data is not None}
@@ -229,9 +230,9 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
     def _record_windows(self, level: Level, micro_batches: list, rule=None, rng=None) -> None:
         for (upper, lower), window in self._windows.items():
             if lower == level.name:
-                keep = self._keep.get(upper)
+                keep, every = self._keep.get(upper, (None, 1))
                 window.record(level, micro_batches, rule, rng,
-                              keep and (keep if keep == "cpu" else level_device(level)))
+                              keep and (keep if keep == "cpu" else level_device(level)), every)
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""

@@ -44,12 +44,15 @@ class Window:
                    mirror.state(level.optimizer, named))
 
     def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None,
-               rng: dict | None = None, keep: str | None = None) -> None:
+               rng: dict | None = None, keep: str | None = None, every: int = 1) -> None:
         """Record a step about to be taken on `micro_batches` (with `rule`, if already read;
         `rng`, the generator state its costs started from, from `rng_state`). With `keep` (a
         device, for `itd(recompute=True)`) the step's starting point is kept there too: the
-        parameters and optimizer state, copied before the step changes them."""
-        if keep is not None and self.batches:
+        parameters and optimizer state, copied before the step changes them (at every `every`-th
+        step; None at the others)."""
+        if keep is not None and self.batches and len(self.batches) % every:
+            self.points.append(None)  # recomputed from the last kept point when needed
+        elif keep is not None and self.batches:
             named = level.named_parameters()
             mirror = FunctionalOptimizer.from_optimizer(level.optimizer, named, level=level.name)
             state = mirror.state(level.optimizer, named, copy=False)

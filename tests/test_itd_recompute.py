@@ -119,3 +119,41 @@ def test_resume_inside_a_window_continues_bit_for_bit(tmp_path):
         fresh.step()
     for p, q in zip((*net_again.parameters(), scale_again), expected):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("every", [2, 3, 7])
+def test_keeping_every_kth_point_gives_the_same_hypergradient(every):
+    """Segments recomputed from their kept start: the same result, standalone and in a program."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, dtype=D)
+
+    def f(w, outer):
+        return ((torch.tanh(x @ w["a"]) - outer["t"]) ** 2).mean() + (w["a"] ** 4).sum()
+
+    inner, outer = {"a": torch.randn(3, 2, dtype=D)}, {"t": torch.randn(12, 2, dtype=D)}
+    leaf = torch.nn.Parameter(inner["a"].clone())
+    rule = FunctionalOptimizer.from_optimizer(torch.optim.Adam([leaf], lr=0.05), {"a": leaf})
+    v = {"a": torch.randn(3, 2, dtype=D)}
+    whole = itd(steps=9)(f, inner, outer, v, optimizer=rule)
+    kept = itd(steps=9, recompute=True, keep_every=every)(f, inner, outer, v, optimizer=rule)
+    assert torch.allclose(kept["t"], whole["t"], atol=1e-12, rtol=0)
+    program, net_, scale, _ = _reweighting_program(True, method=itd(recompute=True,
+                                                                    keep_every=every))
+    torch.manual_seed(5)
+    for _ in range(5):  # inside the second window: the point of its second step
+        program.step()
+    assert [p is None for p in program._windows[("weigh", "fit")].points] == [every != 1]
+    for _ in range(2):
+        program.step()
+    reference, _, scale_default, _ = _reweighting_program(True)
+    torch.manual_seed(5)
+    for _ in range(7):
+        reference.step()
+    assert torch.allclose(scale, scale_default, atol=1e-12, rtol=0)
+
+
+def test_keep_every_is_checked():
+    with pytest.raises(ValueError, match="keep_every must be a positive integer"):
+        itd(keep_every=2)
+    with pytest.raises(ValueError, match="keep_every must be a positive integer"):
+        itd(recompute=True, keep_every=0)

@@ -9,7 +9,7 @@ from ._method import Method
 
 
 def itd(steps: int = 1, first_order: bool = False, recompute: bool = False,
-        offload: bool = False) -> Method:
+        offload: bool = False, keep_every: int = 1) -> Method:
     """Differentiate through the inner optimizer's recorded steps (ITD, reverse-mode).
 
     With θ_0 = `inner_params` and θ_{t+1} = update(θ_t, ∇_θ f_t(θ_t, φ)), returns (dθ_T/dφ)ᵀ v.
@@ -34,6 +34,10 @@ def itd(steps: int = 1, first_order: bool = False, recompute: bool = False,
     and backward pass per step than recording the graph (none more than a replay: inside a
     `Program` the real steps' values are kept, so nothing is taken twice). `offload=True` keeps
     those copies in CPU memory (for a lower level on a GPU) and brings each back for its step.
+    `keep_every=k` keeps only every k-th step's starting point; the reverse pass recomputes the
+    others of a segment, without any graph, from the segment's kept start when it reaches them
+    (checkpointing of the unroll): memory T/k + k copies (k ≈ √T is least), time one more forward
+    and backward pass for the steps not kept.
 
     >>> f = lambda w, lam: 0.5 * (w["w"] ** 2).sum() - w["w"] @ lam["lam"]
     >>> out = itd(steps=2)(f, {"w": torch.zeros(1)}, {"lam": torch.ones(1)}, {"w": torch.ones(1)},
@@ -60,7 +64,7 @@ def itd(steps: int = 1, first_order: bool = False, recompute: bool = False,
                 else [optimizer] * len(losses)
             if recompute:
                 return _recomputed(losses, updates, inner_params, state or {}, outer, v, init,
-                                   not first_order, trajectory, offload)
+                                   not first_order, trajectory, offload, keep_every)
             # a view is a node of its own: ∇_θ f then excludes f's dependence on φ through θ₀ = φ
             params = {k: t.view_as(t) for k, t in init(outer).items()} if init is not None \
                 else {k: t.detach().requires_grad_() for k, t in inner_params.items()}
@@ -76,7 +80,11 @@ def itd(steps: int = 1, first_order: bool = False, recompute: bool = False,
                 for (k, t), g in zip(outer.items(), grads)}
 
     options = (("steps", steps),) + ((("first_order", True),) if first_order else ()) \
-        + ((("recompute", True),) if recompute else ()) + ((("offload", True),) if offload else ())
+        + ((("recompute", True),) if recompute else ()) + ((("offload", True),) if offload else ()) \
+        + ((("keep_every", keep_every),) if keep_every != 1 else ())
+    if not isinstance(keep_every, int) or keep_every < 1 or (keep_every != 1 and not recompute):
+        raise ValueError(f"itd: keep_every must be a positive integer and needs recompute=True; "
+                         f"got keep_every={keep_every!r}, recompute={recompute!r}.")
     return Method("itd", method, options)
 
 
@@ -88,25 +96,35 @@ def _unrolled_step(f, update: FunctionalOptimizer, params, outer, opt_state, sec
     return update.step(params, grads, opt_state)
 
 
-def _recomputed(losses, updates, start, state, outer, v, init, second_order, trajectory, offload):
+def _recomputed(losses, updates, start, state, outer, v, init, second_order, trajectory, offload,
+                keep_every=1):
     """ITD's reverse pass one step at a time, from each step's kept starting point.
 
-    `trajectory` lists (θ_t, state_t) for t = 1 … T−1 (a `Program` keeps them from its real
-    steps); without it a forward pass without any graph computes them. θ_0 is `start`, or
-    init(outer) for a differentiable start.
+    `trajectory` lists (θ_t, state_t) for t = 1 … T−1, None where not kept (a `Program` keeps
+    them from its real steps); without it a forward pass without any graph computes them. θ_0 is
+    `start`, or init(outer) for a differentiable start. A missing point is recomputed, with its
+    segment, from the last kept one.
     """
     device = next(iter(start.values())).device
     if init is not None:
         with torch.no_grad():
             start = init(outer)
-    points = [(_kept(start, False), _kept(state, False))]
+    kept = [(_kept(start, False), _kept(state, False))]
     if trajectory is None:
-        trajectory = _forward(losses, updates, start, state, outer, offload)
-    points += list(trajectory)
+        trajectory = _forward(losses[:-1], updates[:-1], start, state, outer, device, offload,
+                              keep_every)
+    kept += list(trajectory)
     adjoint, state_adjoint = dict(v), {}
     result = {k: torch.zeros_like(t) for k, t in outer.items()}
+    segment = {}  # the recomputed points of the segment the pass is in
     for t in reversed(range(len(losses))):
-        values, opt_state = points[t]
+        point = kept[t] if kept[t] is not None else segment.pop(t, None)
+        if point is None:  # recompute the segment up to t from its kept start
+            s = max(i for i in range(t) if kept[i] is not None)
+            segment = dict(enumerate(_forward(losses[s:t], updates[s:t], *kept[s], outer, device,
+                                              False), start=s + 1))
+            point = segment.pop(t)
+        values, opt_state = point
         params = {k: x.view_as(x) for k, x in init(outer).items()} if t == 0 and init is not None \
             else {k: _to(x, device).requires_grad_() for k, x in values.items()}
         opt_state = {k: {n: _to(x, device).requires_grad_() if _float(n, x) else _to(x, device)
@@ -134,18 +152,22 @@ def _recomputed(losses, updates, start, state, outer, v, init, second_order, tra
     return result
 
 
-def _forward(losses, updates, start, state, outer, offload: bool) -> list:
-    """θ_t and the optimizer state for t = 1 … T−1, with no graph kept."""
-    points, params = [], {k: t.detach() for k, t in start.items()}
+def _forward(losses, updates, start, state, outer, device, offload: bool,
+             keep_every: int = 1) -> list:
+    """θ_t and the optimizer state after each of the given steps, with no graph kept (None for
+    the steps not kept: every `keep_every`-th is)."""
+    points, params = [], {k: _to(t, device) for k, t in start.items()}
+    state = {k: {n: _to(x, device) for n, x in entry.items()} for k, entry in state.items()}
     frozen = {k: t.detach() for k, t in outer.items()}
-    for f, update in zip(losses[:-1], updates[:-1]):
-        params = {k: t.requires_grad_() for k, t in params.items()}
+    for step, (f, update) in enumerate(zip(losses, updates), start=1):
+        params = {k: t.detach().requires_grad_() for k, t in params.items()}
         grads = torch.autograd.grad(f(params, frozen), list(params.values()), allow_unused=True)
         grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(params.items(),
                                                                                   grads)}
         with torch.no_grad():
             params, state = update.step({k: t.detach() for k, t in params.items()}, grads, state)
-        points.append((_kept(params, offload), _kept(state, offload)))
+        points.append((_kept(params, offload), _kept(state, offload))
+                      if step % keep_every == 0 else None)
     return points
 
 
