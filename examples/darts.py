@@ -22,7 +22,7 @@ images and tested on the 10k test set. Controls, retrained with the same budget 
 cells of the same size (a uniformly random operation other than zero on each of the 6 edges) and
 each operation alone on every edge.
 
-    PYTHONPATH=. python examples/darts.py          # about 6 minutes on one CPU thread
+    PYTHONPATH=. python examples/darts.py          # about 8 minutes on one CPU thread
     PYTHONPATH=. python examples/darts.py --quick  # about 10 seconds (CI)
 """
 
