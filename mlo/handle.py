@@ -81,6 +81,8 @@ class Handle:
             # real steps only: in passes that differentiate twice the recomputed activations stay
             # in the second-order graph, so checkpointing there costs memory instead of saving it
             return _checkpointed(_live, module, None, args, kwargs)
+        if self._level.options.compile is not False and module is self._level.module:
+            return self._level.compiled()(*args, **kwargs)  # real steps only, as checkpointing
         return _live(module, None, args, kwargs)
 
     def __getattr__(self, name: str):

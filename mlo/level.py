@@ -54,6 +54,7 @@ class Options:
     scheduler: Any = None
     tasks: int = 1
     activation_checkpointing: bool = False
+    compile: Any = False
 
 
 class Level:
@@ -78,6 +79,7 @@ class Level:
         self.fn, self.module, self.optimizer, self.data = fn, module, optimizer, data
         self.name, self.options = name, options
         self._params: dict[str, torch.Tensor] | None = None
+        self._compiled = None
         self.method: Method | None = resolve(hypergrad, name)
         self.location = where(fn)
         self.names, self.uses_batch, self.uses_module = _parse_signature(fn, name, self.location)
@@ -95,6 +97,14 @@ class Level:
         if self._params is None:
             self.refresh()
         return self._params
+
+    def compiled(self):
+        """The module compiled with `torch.compile(module, **options)` (built at first use), for
+        the level's real steps; see `@mlo.level(compile=...)`."""
+        if self._compiled is None:
+            options = {} if self.options.compile is True else dict(self.options.compile)
+            self._compiled = torch.compile(self.module, **options)
+        return self._compiled
 
     def refresh(self) -> None:
         """Re-read the module's trainable parameters."""
@@ -119,7 +129,7 @@ class Level:
 def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
           bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
           warmup: int = 0, tasks: int = 1, activation_checkpointing: bool = False,
-          name: str | None = None):
+          compile=False, name: str | None = None):
     """Declare a level of a multilevel program; its signature names the levels it depends on.
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
@@ -147,6 +157,14 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     reached as `module.encode(x)` run unchecked. A BatchNorm
     module in training mode advances its running statistics again when recomputed, as in PyTorch.
 
+    `compile=True` (or a dict of `torch.compile` options, e.g. `{"mode": "reduce-overhead"}` for
+    CUDA graphs on a GPU) runs the module compiled by `torch.compile` wherever a real step calls
+    it directly: the level's own forward and backward pass, and its forward inside the cost of a
+    level that reads it. Hypergradient passes and real steps that record an ITD unroll run it
+    uncompiled: they differentiate twice, which compiled graphs do not support. The compiled
+    module is built at its first call (compilation takes seconds there). On CPU compiled steps
+    were measured slower than eager ones (`python -m benchmarks.compile`); it is meant for GPUs.
+
     Example::
 
         @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=loader)
@@ -157,7 +175,7 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     """
     options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
                       fp16=fp16, bf16=bf16, scheduler=scheduler, tasks=tasks,
-                      activation_checkpointing=activation_checkpointing)
+                      activation_checkpointing=activation_checkpointing, compile=compile)
 
     def decorate(fn: Callable) -> Level:
         if isinstance(fn, Level) or not callable(fn):
@@ -207,6 +225,15 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
         raise LevelError(f"{prefix} activation_checkpointing=True needs an nn.Module, but the "
                          f"module is a tensor of hyperparameters, with no activations to "
                          f"recompute; remove the option.")
+    if not isinstance(options.compile, (bool, dict)):
+        raise LevelError(f"{prefix} compile must be True, False or a dict of torch.compile "
+                         f"options, got {options.compile!r}.")
+    if options.compile is not False and isinstance(module, torch.Tensor):
+        raise LevelError(f"{prefix} compile needs an nn.Module, but the module is a tensor of "
+                         f"hyperparameters, with no forward to compile; remove the option.")
+    if options.compile is not False and options.activation_checkpointing:
+        raise LevelError(f"{prefix} compile and activation_checkpointing are both set; choose "
+                         f"one (checkpointing a compiled module is not supported here).")
     if options.fp16 and options.bf16:
         raise LevelError(f"{prefix} fp16 and bf16 are both set; choose one precision.")
     if options.scheduler is not None and not callable(getattr(options.scheduler, "step", None)):
