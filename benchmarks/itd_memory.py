@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             print(lines[-1], flush=True)
     table = ("| unroll | method | ms / outer step | time / itd | peak tensor MiB | memory: itd / "
              "this | peak RSS MiB |\n|---:|---|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
-    command = "python -m benchmarks.itd_memory " + " ".join(argv or [])
+    command = "python -m benchmarks.itd_memory " + " ".join(sys.argv[1:] if argv is None else argv)
     report.write("itd_memory", f"itd against itd(recompute=True), {name}, batch {args.batch}",
                  info, command, rows_all, [], extra=table)
     print(table)
