@@ -26,6 +26,12 @@ class Stream:
         self.last = None  # the batch drawn most recently, for explaining a failed step
 
     def next(self, step: int):
+        if type(self.data) in (list, tuple) and self.data:  # indexed: no iterator to restart
+            if self.position >= len(self.data):
+                self.epoch, self.position = self.epoch + 1, 0
+            self.last = self.data[self.position]
+            self.position += 1
+            return self.last
         for _ in range(2):
             if self._iterator is None:
                 self._start()

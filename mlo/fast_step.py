@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.optim import optimizer as _optimizer
 
+_RAW: dict = {}  # optimizer class -> its unwrapped step function (None: none known)
+
 def step(optimizer: torch.optim.Optimizer) -> None:
     """`optimizer.step()`, skipping its wrapper where nothing can observe the difference."""
     raw = _unwrapped(optimizer)
@@ -43,15 +45,20 @@ def step(optimizer: torch.optim.Optimizer) -> None:
 
 def _unwrapped(optimizer: torch.optim.Optimizer):
     """The class's own step function, or None where the wrapper must run."""
-    cls = type(optimizer)
-    if (cls.__module__.rsplit(".", 1)[0] != "torch.optim" or "step" in vars(optimizer)
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or _optimizer._global_optimizer_pre_hooks or _optimizer._global_optimizer_post_hooks
+            or torch.autograd.profiler._is_profiler_enabled or "step" in vars(optimizer)
             or optimizer.defaults.get("differentiable")):
         return None
-    if (getattr(optimizer, "_optimizer_step_pre_hooks", True)
-            or getattr(optimizer, "_optimizer_step_post_hooks", True)
-            or getattr(_optimizer, "_global_optimizer_pre_hooks", True)
-            or getattr(_optimizer, "_global_optimizer_post_hooks", True)
-            or torch.autograd.profiler._is_profiler_enabled):
+    cls = type(optimizer)
+    if cls not in _RAW:
+        _RAW[cls] = _raw_step(cls)
+    return _RAW[cls]
+
+
+def _raw_step(cls):
+    """`cls.step` without its two wrappers, for optimizers of torch.optim itself; else None."""
+    if cls.__module__.rsplit(".", 1)[0] != "torch.optim" or not getattr(cls.step, "hooked", False):
         return None
     wrapped = cls.step
     for _ in range(2):  # profile_hook_step, then _use_grad_for_differentiable
