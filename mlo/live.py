@@ -136,7 +136,8 @@ class LiveUnroll:
         if grads is not None:
             clipped = level.options.clip_grad is not None  # clipping scales .grad in place
             for key, p in level.named_parameters().items():
-                p.grad = grads[key].detach().clone() if clipped else grads[key].detach()
+                g = grads[key]
+                p.grad = None if g is None else g.detach().clone() if clipped else g.detach()
             self._apply(level, self._precision[name])
             if level.options.clip_grad is None and fast_step.plain_cpu_sgd(level.optimizer):
                 # the mirror's update is the optimizer's own arithmetic: the values are equal
@@ -164,10 +165,9 @@ class LiveUnroll:
         if not self._finite(level, value, "loss"):
             return value, metrics, None
         second_order = not dict(self.levels[uppers[0]].method.options).get("first_order")
-        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=second_order,
-                                    allow_unused=True)
-        grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(theta.items(),
-                                                                                  grads)}
+        grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()),
+                                                    create_graph=second_order, allow_unused=True)))
+        # a parameter the loss does not reach keeps its gradient None: no update, as in torch
         rules = self._update_rules(level.name, uppers, [rule])
         rule = (rules(self._live_sources(uppers, copy)) if callable(rules) else rules)[0]
         trajectory = Trajectory(*rule.step(theta, grads, windows[0].live.state))

@@ -71,14 +71,19 @@ class FunctionalOptimizer:
         return out
 
     def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
-        """Apply one update; differentiable in params, grads and state."""
+        """Apply one update; differentiable in params, grads and state. A parameter whose
+        gradient is None is left as it is, with its state, as torch.optim skips a parameter
+        without `.grad` (no weight decay, no step count)."""
         if self.clip_grad is not None:
-            norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values() if g is not None))
             factor = (self.clip_grad / (norm + 1e-6)).clamp(max=1.0)
-            grads = {k: g * factor for k, g in grads.items()}
+            grads = {k: None if g is None else g * factor for k, g in grads.items()}
         update = _sgd if self.kind == "SGD" else _adam
         new_params, new_state = {}, {}
         for name, p in params.items():
+            if grads.get(name) is None:
+                new_params[name], new_state[name] = p, state.get(name, {})
+                continue
             new_params[name], new_state[name] = update(p, grads[name], state.get(name, {}),
                                                        self.hyper[name], self.kind)
         return new_params, new_state

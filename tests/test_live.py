@@ -241,3 +241,36 @@ def test_plain_sgd_trajectory_equals_the_module_without_correction():
     for _ in range(3):
         program.step()
     assert torch.equal(program._windows[("outer", "inner")].live.params["param"], w)
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "replayed"])
+def test_a_parameter_the_cost_does_not_reach_is_not_updated(live):
+    """As torch.optim skips a parameter without .grad (no weight decay, no momentum), so do the
+    recorded and the replayed unrolls; both give the same hypergradient."""
+    results = []
+    for mode in (live, not live):
+        mlo.registry.clear()
+        torch.manual_seed(0)
+        net_ = nn.ModuleDict({"used": nn.Linear(3, 1), "spare": nn.Linear(3, 1)}).to(D)
+        spare = net_["spare"].weight.detach().clone()
+        lam = nn.Parameter(torch.zeros(3, dtype=D))
+        x, y = torch.randn(8, 3, dtype=D), torch.randn(8, 1, dtype=D)
+
+        @mlo.level(module=net_, unroll=3, optimizer=torch.optim.SGD(net_.parameters(), lr=0.1,
+                                                                    momentum=0.9, weight_decay=0.1))
+        def inner(module, outer):
+            return ((module.used(x * outer().exp()) - y) ** 2).mean()
+
+        @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.5), hypergrad="itd")
+        def outer(inner):
+            return ((inner.used(x) - y) ** 2).mean()
+
+        program = mlo.Program(inner, outer)
+        if not mode:
+            program._live.clear()
+            program._live_uppers.clear()
+        program.run(7, progress=False)
+        assert torch.equal(net_["spare"].weight.detach(), spare)
+        results.append(lam.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-12, rtol=0)
+    assert results[0].abs().max() > 1e-5

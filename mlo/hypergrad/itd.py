@@ -92,8 +92,7 @@ def _unrolled_step(f, update: FunctionalOptimizer, params, outer, opt_state, sec
     names = list(params)
     grads = torch.autograd.grad(f(params, outer), [params[k] for k in names],
                                 create_graph=second_order, allow_unused=True)
-    grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, grads)}
-    return update.step(params, grads, opt_state)
+    return update.step(params, dict(zip(names, grads)), opt_state)  # None: not updated
 
 
 def _recomputed(losses, updates, start, state, outer, v, init, second_order, trajectory, offload,
@@ -161,9 +160,8 @@ def _forward(losses, updates, start, state, outer, device, offload: bool,
     frozen = {k: t.detach() for k, t in outer.items()}
     for step, (f, update) in enumerate(zip(losses, updates), start=1):
         params = {k: t.detach().requires_grad_() for k, t in params.items()}
-        grads = torch.autograd.grad(f(params, frozen), list(params.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(params.items(),
-                                                                                  grads)}
+        grads = dict(zip(params, torch.autograd.grad(f(params, frozen), list(params.values()),
+                                                     allow_unused=True)))
         with torch.no_grad():
             params, state = update.step({k: t.detach() for k, t in params.items()}, grads, state)
         points.append((_kept(params, offload), _kept(state, offload))
