@@ -23,7 +23,8 @@ Used only where nothing else needs the real step: one micro-batch per step, no f
 data parallelism, no activation checkpointing (a memory option: live windows hold their graph
 longer), a level that has no hypergradient of its own (see `live_levels` for several
 ITD upper levels); elsewhere the window is replayed. A window resumed from a checkpoint takes its
-recorded steps again functionally, then continues live.
+recorded steps again functionally, moved onto the values the real steps had, then continues live:
+so a checkpoint taken inside a live window also holds the parameters after each of its steps.
 """
 
 from __future__ import annotations
