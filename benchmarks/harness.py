@@ -183,7 +183,10 @@ class LiveBytes(TorchDispatchMode):
     """Track the bytes of tensor storages created by operators and still alive; keep the peak.
 
     Exact for tensors (not allocator caches or fragmentation); storages alive before the mode
-    starts (parameters, data) are not counted."""
+    starts (parameters, data) are not counted. An operator whose schema says it returns an alias
+    of an input (a view, `detach`, an in-place or `out=` operator, a collective) creates no
+    storage, so its outputs are not counted: otherwise a view or in-place update of a parameter
+    would count the parameter's storage as new."""
 
     def __init__(self):
         super().__init__()
@@ -191,6 +194,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        schema = getattr(func, "_schema", None)
+        if schema is not None and any(r.alias_info is not None for r in schema.returns):
+            return out
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()

@@ -1,0 +1,218 @@
+"""Peak memory per rank and step time of a reweighting program with a large lower level: one
+process against two data-parallel ranks, with and without activation checkpointing (CPU, gloo).
+
+    python -m benchmarks.memory_per_rank --width 1024 --depth 19 --batch 512 --steps 3
+
+The lower level is an MLP 784 -> `width` x `depth` -> 10 (ReLU; 19,706,890 parameters at the
+default size, an `nn.Sequential` of 39 children) trained with plain SGD; the upper level a 1-100-1
+weighting net (Meta-Weight-Net) with Adam, learning through it with `aid_fd`, `aid_cg` (3
+iterations) or `itd` (unroll 2). Data are random. `--batch` is the global batch of either level:
+one rank takes all of it, two ranks half each (their own random halves, since iterable data is not
+sharded), and every rank runs what mlo runs under a process group: its bucketed `GradientReducer`
+for real steps, averaged vectors in the hypergradient. Each configuration runs in a fresh process
+(two forked ranks for two, gloo, file rendezvous), with one torch thread per rank. Per rank, after
+one warm-up outer step (`unroll` lower steps and one upper step): the median wall time of `--steps`
+outer steps (ranks meet at a barrier before each), then one more outer step measured twice at once:
+the peak bytes of tensor storages created during it and alive together (`harness.LiveBytes`, exact;
+parameters, data and anything alive before the step are not counted) and the peak resident set size
+above the one at its start (`harness.PeakMemory`; it also counts allocator caches and, under two
+ranks, gloo's buffers). Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import mlo
+
+from .harness import LiveBytes, PeakMemory, machine
+
+METHODS = {"aid_fd": "aid_fd", "aid_cg": mlo.hypergrad.aid_cg(iters=3), "itd": "itd"}
+LABELS = {"aid_fd": "aid_fd", "aid_cg": "aid_cg (3 iterations)", "itd": "itd (unroll 2)"}
+OUT = os.path.join(os.path.dirname(__file__), "results", "memory_per_rank.md")
+
+
+def build(method: str, recompute: bool, batch: int, seed: int, args) -> mlo.Program:
+    """The program one rank runs, with its own `batch` examples per level and step."""
+    mlo.registry.clear()
+    torch.manual_seed(0)  # equal initial parameters on every rank (rank 0's are broadcast too)
+    widths = [784] + [args.width] * args.depth
+    layers = [m for a, b in itertools.pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
+    net = nn.Sequential(*layers, nn.Linear(args.width, 10))
+    wnet = nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid())
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        return [(torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g))
+                for _ in range(2)]
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.01), data=batches(),
+               unroll=2 if method == "itd" else 1, activation_checkpointing=recompute)
+    def classifier(batch, module, weighting):
+        x, y = batch
+        loss = F.cross_entropy(module(x), y, reduction="none")
+        return (weighting(loss.detach()[:, None]).squeeze(1) * loss).mean()
+
+    @mlo.level(module=wnet, optimizer=torch.optim.Adam(wnet.parameters(), lr=1e-3),
+               data=batches(), hypergrad=METHODS[method])
+    def weighting(batch, classifier):
+        x, y = batch
+        return F.cross_entropy(classifier(x), y)
+
+    return mlo.Program(classifier, weighting)
+
+
+def measure(method: str, recompute: bool, ranks: int, args) -> dict:
+    """Warm up, time `args.steps` outer steps, then measure memory on one more (this rank)."""
+    seed = 1 + mlo.distributed.rank()  # each rank its own random half of the global batch
+    program = build(method, recompute, args.batch // ranks, seed, args)
+    unroll = program.levels["classifier"].options.unroll
+
+    def outer_step():
+        if ranks > 1:
+            dist.barrier()
+        for _ in range(unroll):
+            program.step()
+
+    outer_step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        outer_step()
+        times.append(time.perf_counter() - start)
+    rss = PeakMemory("cpu")
+    rss.start()
+    base = rss.base
+    with LiveBytes() as tensors:
+        outer_step()
+    return {"tensor_mb": tensors.peak / 2 ** 20, "rss_mb": rss.stop(), "base_mb": base / 2 ** 20,
+            "step_s": statistics.median(times),
+            "parameters": sum(p.numel() for p in program.levels["classifier"].module.parameters())}
+
+
+def rank_main(rank: int, folder: str, case: tuple, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=600))
+    result = measure(*case, ranks=2, args=args)
+    dist.destroy_process_group()
+    with open(os.path.join(folder, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def run_case(method: str, recompute: bool, ranks: int, args) -> list[dict]:
+    """Measure one configuration in this (fresh) process, forking two ranks for `ranks=2`."""
+    if ranks == 1:
+        torch.set_num_threads(1)
+        return [measure(method, recompute, 1, args)]
+    folder = tempfile.mkdtemp()
+    context = mp.get_context("fork")
+    processes = [context.Process(target=rank_main, args=(r, folder, (method, recompute), args))
+                 for r in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(1200)
+    if any(p.exitcode != 0 for p in processes):
+        raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in processes]}")
+    results = []
+    for r in range(2):
+        with open(os.path.join(folder, f"{r}.json")) as f:
+            results.append(json.load(f))
+    shutil.rmtree(folder)
+    return results
+
+
+def cell(results: list[dict], key: str, fmt: str) -> str:
+    return " / ".join(format(r[key], fmt) for r in results)
+
+
+def row(method: str, recompute: bool, ranks: int, results: list[dict], batch: int) -> str:
+    return (f"| {LABELS[method]} | {ranks} | {batch // ranks} | {'yes' if recompute else 'no'} | "
+            f"{results[0]['parameters']:,} | {cell(results, 'tensor_mb', '.0f')} | "
+            f"{cell(results, 'rss_mb', '.0f')} | {cell(results, 'base_mb', '.0f')} | "
+            f"{cell(results, 'step_s', '.2f')} |")
+
+
+HEADER = ("| method | ranks | batch per rank | activation checkpointing | parameters per rank "
+          "| peak tensor memory (MiB) | peak RSS growth (MiB) | RSS at step start (MiB) "
+          "| median outer step (s) |\n|---|---:|---:|---|---:|---:|---:|---:|---:|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=19, help="hidden layers")
+    parser.add_argument("--batch", type=int, default=512, help="global batch, split over ranks")
+    parser.add_argument("--steps", type=int, default=3, help="timed outer steps")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default=OUT, help="markdown file to write ('-': none)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        method, recompute, ranks = args.case.split(":")
+        print(json.dumps(run_case(method, recompute == "1", int(ranks), args)))
+        return
+    torch.set_num_threads(1)
+    info = machine()
+    started = time.perf_counter()
+    lines = [HEADER]
+    print(HEADER, flush=True)
+    for method in args.methods:
+        for ranks in (1, 2):
+            for recompute in (False, True):
+                command = [sys.executable, "-m", "benchmarks.memory_per_rank", "--case",
+                           f"{method}:{int(recompute)}:{ranks}", "--width", str(args.width),
+                           "--depth", str(args.depth), "--batch", str(args.batch),
+                           "--steps", str(args.steps)]
+                out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                                     check=False)
+                if out.returncode:
+                    sys.exit(f"{' '.join(command)} failed:\n{out.stderr}")
+                lines.append(row(method, recompute, ranks, json.loads(out.stdout.splitlines()[-1]),
+                                 args.batch))
+                print(lines[-1], flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\n{minutes:.1f} minutes")
+    if args.out != "-":
+        write(args, info, lines, minutes)
+
+
+def write(args, info: dict, lines: list[str], minutes: float) -> None:
+    command = (f"python -m benchmarks.memory_per_rank --width {args.width} --depth {args.depth} "
+               f"--batch {args.batch} --steps {args.steps}")
+    if args.methods != list(METHODS):
+        command += " --methods " + " ".join(args.methods)
+    keys = ("cpu", "cores", "torch threads", "python", "torch", "memory", "load average at start")
+    text = [
+        "# Peak memory per rank: data parallelism and activation checkpointing (CPU, gloo)", "",
+        f"    {command}", "",
+        "Machine: " + ", ".join(f"{k} {info[k]}" for k in keys if k in info) + ".", "",
+        (f"Lower level: MLP 784 -> {args.width} x {args.depth} -> 10, ReLU, plain SGD. Upper "
+         f"level: 1-100-1 weighting net, Adam. Global batch {args.batch} per level and step, "
+         f"split over the ranks. Two-rank cells give rank 0 / rank 1. Whole run: {minutes:.1f} "
+         f"minutes."), "",
+        *lines, ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
