@@ -152,10 +152,13 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     grow with √n, not n; any other module is one segment, which saves memory only between its
     forward and backward passes. Hypergradient passes (`itd`, `aid_cg`, `aid_neumann`, `aid_fd`,
     `sama`) run unchecked: they differentiate twice, and the recomputed activations then stay in
-    the second-order graph (measured with checkpointing there too: -40% peak tensor memory for
-    real steps, +5-10% for those passes; benchmarks/results/activation_memory.md). Methods
+    the second-order graph (measured with checkpointing there too: +5-10% peak for those
+    passes; real steps: -47% peak tensor memory; benchmarks/results/activation_memory.md). Methods
     reached as `module.encode(x)` run unchecked. A BatchNorm
     module in training mode advances its running statistics again when recomputed, as in PyTorch.
+    A level that an `itd` upper level differentiates has its steps replayed at that level's step
+    when it is checkpointed, not recorded during its real steps (`mlo.live`): recording keeps
+    each step's graph, which checkpointing is meant to avoid.
 
     `compile=True` (or a dict of `torch.compile` options, e.g. `{"mode": "reduce-overhead"}` for
     CUDA graphs on a GPU) runs the module compiled by `torch.compile` wherever a real step calls
