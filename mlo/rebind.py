@@ -10,7 +10,8 @@ hypergradient passes) run thousands of times.
 `functional_call` itself runs where the shortcut would not be exact: a module that holds one
 tensor under two names (tied weights, which `functional_call` rebinds together), names the cache
 does not know, or a slot that no longer holds the tensor it held when cached (a parameter or
-buffer reassigned since: the cache is then rebuilt).
+buffer reassigned since: the cache is then rebuilt). A submodule replaced since the cache was
+built is seen too (the cache keeps every parent-child link and checks them at each call).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ _SLOTS: "weakref.WeakKeyDictionary[nn.Module, dict | None]" = weakref.WeakKeyDic
 
 
 def call(module: nn.Module, tensors: dict[str, torch.Tensor], args, kwargs):
-    slots = _slots(module)
-    if slots is not None and not _current(slots, tensors):  # reassigned since: look again
+    cached = _slots(module)
+    if cached is not None and not _current(cached, tensors):  # reassigned since: look again
         _SLOTS.pop(module, None)
-        slots = _slots(module)
-    if slots is None or not _current(slots, tensors):
+        cached = _slots(module)
+    if cached is None or not _current(cached, tensors):
         return functional_call(module, tensors, args, kwargs, strict=False)
+    slots = cached[0]
     saved = []
     try:
         for name, tensor in tensors.items():
@@ -43,8 +45,13 @@ def call(module: nn.Module, tensors: dict[str, torch.Tensor], args, kwargs):
             store[key] = original
 
 
-def _current(slots: dict, tensors: dict) -> bool:
-    """Whether every name is cached and its slot still holds the tensor it held then."""
+def _current(cached: tuple, tensors: dict) -> bool:
+    """Whether the module tree is as cached, and every name is cached with its slot still
+    holding the tensor it held then."""
+    slots, links = cached
+    for children, key, child in links:
+        if children.get(key) is not child:
+            return False
     for name in tensors:
         slot = slots.get(name)
         if slot is None or slot[0].get(slot[1]) is not slot[2]:
@@ -52,12 +59,15 @@ def _current(slots: dict, tensors: dict) -> bool:
     return True
 
 
-def _slots(module: nn.Module) -> dict | None:
-    """{dotted name: (dict, key, tensor held)} for every parameter and buffer, or None where a
-    tensor is reachable under two names."""
+def _slots(module: nn.Module) -> tuple | None:
+    """({dotted name: (dict, key, tensor held)} for every parameter and buffer, [(a module's
+    `_modules`, key, child)] for every link of the tree), or None where a tensor is reachable
+    under two names."""
     if module in _SLOTS:
         return _SLOTS[module]
     slots, seen = {}, set()
+    links = [(owner._modules, key, child) for _, owner in module.named_modules(remove_duplicate=False)
+             for key, child in owner._modules.items()]
     for prefix, owner in module.named_modules(remove_duplicate=False):
         for store in (owner._parameters, owner._buffers):
             for key, tensor in store.items():
@@ -68,5 +78,5 @@ def _slots(module: nn.Module) -> dict | None:
                     return None
                 seen.add(id(tensor))
                 slots[f"{prefix}.{key}" if prefix else key] = (store, key, tensor)
-    _SLOTS[module] = slots
-    return slots
+    _SLOTS[module] = slots, links
+    return slots, links

@@ -296,6 +296,9 @@ def test_rebinding_equals_functional_call_and_restores_the_module():
     net[2].weight = nn.Parameter(torch.randn(2, 4))  # reassigned: the cache is rebuilt
     params["2.weight"] = torch.randn(2, 4)
     assert torch.equal(rebind.call(net, params, (x,), {}), functional_call(net, params, (x,)))
+    net[2] = nn.Linear(4, 2)  # a replaced submodule: its new parameters are the ones used
+    params.update({"2.weight": torch.randn(2, 4), "2.bias": torch.randn(2)})
+    assert torch.equal(rebind.call(net, params, (x,), {}), functional_call(net, params, (x,)))
     tied = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
     tied[1].weight = tied[0].weight
     weight = {"0.weight": torch.randn(3, 3)}
