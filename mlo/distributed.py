@@ -134,10 +134,14 @@ class GradientReducer:
     them), into buckets of about `bucket_mb` MiB (default `BUCKET_MB`; the first, which the
     backward pass fills first, `FIRST_BUCKET_MB` at most) of one dtype and device.
     A hook on each parameter copies its gradient into its bucket when autograd computes it (by
-    `.backward()` or `torch.autograd.grad`); a full bucket starts its asynchronous all-reduce at
+    `.backward()` or `torch.autograd.grad`) and hands autograd the bucket's slice in its place, so
+    the gradient autograd returns is that slice and its own copy is freed at once (one
+    gradient-sized buffer per pass, not two); a full bucket starts its asynchronous all-reduce at
     once, so communication overlaps the rest of the backward pass. `reduced(grads)` waits for them (a
     bucket left incomplete, by a parameter that got no gradient, is completed with zeros and
-    sent then) and returns the means. Hooks act only between `arm()` and `reduced()`: other
+    sent then) and returns the means, the same slices averaged in place. Buckets are allocated
+    at each `arm()`, so gradients of earlier passes (accumulated micro-batches) are never
+    overwritten. Hooks act only between `arm()` and `reduced()`: other
     passes that reach the live parameters (the handle check) send nothing. Every rank must send
     its buckets in the same order, which holds when the ranks run the same cost (the same
     contract as `DistributedDataParallel`). Cost: one all-reduce per bucket, of the gradient's size.
@@ -172,6 +176,7 @@ class GradientReducer:
         self._armed = False
         self._grads: dict[int, torch.Tensor] = {}
         self._works: dict[int, tuple] = {}
+        self._flats: list[torch.Tensor] = []
 
     def __del__(self):
         for hook in getattr(self, "_hooks", ()):  # a later Program's reducer replaces them
@@ -181,20 +186,42 @@ class GradientReducer:
         """Start collecting: the next gradients of the parameters are reduced as they appear."""
         self._armed, self._grads, self._works = True, {}, {}
         self._pending = [len(bucket) for bucket in self._buckets]
+        self._flats = []
+        for bucket in self._buckets:
+            first = self._params[bucket[0]]
+            self._flats.append(torch.empty(sum(self._params[i].numel() for i in bucket),
+                                           dtype=first.dtype, device=first.device))
 
-    def _ready(self, index: int, grad: torch.Tensor) -> None:
+    def _slice(self, index: int) -> torch.Tensor:
+        """The view of `index`'s gradient in its bucket."""
+        bucket = self._bucket_of[index]
+        offset = 0
+        for i in self._buckets[bucket]:
+            if i == index:
+                p = self._params[i]
+                return self._flats[bucket][offset:offset + p.numel()].view_as(p)
+            offset += self._params[i].numel()
+        raise KeyError(index)
+
+    def _ready(self, index: int, grad: torch.Tensor):
+        """Copy a gradient into its bucket (sending a full bucket); return the bucket's view of
+        it, which autograd passes on in its place (None: not collecting, or already have it)."""
         if not self._armed or index in self._grads:
-            return
-        self._grads[index] = grad.detach()
+            return None
+        view = self._slice(index)
+        view.copy_(grad.detach())
+        self._grads[index] = view
         bucket = self._bucket_of[index]
         self._pending[bucket] -= 1
         if not self._pending[bucket]:
             self._send(bucket)
+        return view
 
     def _send(self, bucket: int) -> None:
-        parts = [self._grads.get(i) for i in self._buckets[bucket]]
-        flat = torch.cat([(torch.zeros_like(self._params[i]) if g is None else g).reshape(-1)
-                          for i, g in zip(self._buckets[bucket], parts)])
+        for i in self._buckets[bucket]:
+            if i not in self._grads:
+                self._slice(i).zero_()
+        flat = self._flats[bucket]
         self._works[bucket] = (flat, _collective(dist.all_reduce, flat, async_op=True))
 
     def reduced(self, grads) -> list:
@@ -208,6 +235,7 @@ class GradientReducer:
         self._armed = False
         out = [None] * len(self._params)
         works, self._works, self._grads = self._works, {}, {}  # hold no gradient past the step
+        self._flats = []
         for bucket, (flat, work) in sorted(works.items()):
             _collective(work.wait)
             flat /= world_size()
@@ -219,10 +247,9 @@ class GradientReducer:
         return out
 
 
-def _on_grad(reducer, index: int, grad: torch.Tensor) -> None:
+def _on_grad(reducer, index: int, grad: torch.Tensor):
     alive = reducer()
-    if alive is not None:
-        alive._ready(index, grad)
+    return alive._ready(index, grad) if alive is not None else None
 
 
 def all_ranks(flag: bool) -> bool:
