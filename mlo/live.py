@@ -5,8 +5,9 @@ A lower level read by an ITD upper level takes each real step on a differentiabl
 parameters: the gradient ∇_θ f(θ_t, φ) is taken with `create_graph=True`, the level's own torch
 optimizer applies it (detached) to the module, as in any real step, and the functional mirror of
 that optimizer extends the graph, θ_{t+1}(φ) = update(θ_t, ∇_θ f). The graph's values are then
-set to the module's (θ_{t+1} = mirror + (module − mirror).detach()), so the torch optimizer stays
-authoritative: the module's values, `.grad` and optimizer state are exactly those of a level
+set to the module's (θ_{t+1} = θ − θ.detach() + module value: exactly the module's value, with
+θ's derivatives; skipped for plain SGD on CPU, whose mirror is the optimizer's own arithmetic),
+so the torch optimizer stays authoritative: the module's values, `.grad` and optimizer state are exactly those of a level
 without ITD, and the graph is evaluated at them. The window starts from the module's parameters
 at the upper level's last step (θ₀ = φ for a level that starts from it by `mlo.Init`: MAML).
 The upper level's hypergradient is then one backward pass, (dθ_T/dφ)ᵀ v, where a replay would
