@@ -9,9 +9,9 @@ upper level's tensor in the lower level's optimizer):
   is the only ITD level above `adapt`, `adapt`'s real steps record that graph as they go
   (`mlo.live`), so the meta-gradient costs one backward pass and no replay.
 - **FOMAML**: `hypergrad="first_order"` on `meta` takes dθ_T/dφ = I, so φ moves along the query
-  gradient at θ_T, without any replay. `mlo.hypergrad.itd(first_order=True)` replays the steps
-  with their gradients held constant: the same for plain SGD, and it also differentiates learned
-  learning rates to first order.
+  gradient at θ_T, without any replay. `mlo.hypergrad.itd(first_order=True)` differentiates
+  the steps with their gradients held constant (recorded as they are taken, as for MAML): the
+  same for plain SGD, and it also differentiates learned learning rates to first order.
 - **iMAML**: `adapt`'s cost adds the proximal term λ/2‖θ − φ‖², reading φ as `meta.params`;
   `meta` declares `aid_cg` / `aid_neumann`. Implicit methods differentiate the solution of that
   cost, so they ignore the start (without a proximal term their hypergradient is zero).
@@ -36,8 +36,9 @@ upper level's tensor in the lower level's optimizer):
                  data=query, hypergrad="itd")
       def inner_lr(batch, adapt): ...
 
-  Real steps use the rate's current value (recorded by value at each step); ITD replays them
-  with the rate as a variable, so d(query loss)/d(rate) flows through every update. Only `itd`
+  Real steps use the rate's current value (recorded by value at each step); ITD differentiates
+  them with the rate as a variable (in the recorded graph, or in a replay), so d(query
+  loss)/d(rate) flows through every update. Only `itd`
   differentiates an update rule, so only an `itd` level named by the lower level may own such a
   tensor (any tensor hyperparameter of a param group works alike, where torch.optim accepts
   one). Hypergradient descent on a learning rate is the same program without `mlo.Init`.
