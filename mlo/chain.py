@@ -59,7 +59,7 @@ class ChainRule:
             losses = [self._closure(level, b, rng) for b, rng in zip(window.batches, window.rng)]
             context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
                            state=window.state)
-            if dict(method.options).get("recompute"):  # the real steps' values: no forward replay
+            if method.option("recompute"):  # the real steps' values: no forward replay
                 context["trajectory"] = window.points
         else:
             inner = {k: p.detach() for k, p in level.named_parameters().items()}

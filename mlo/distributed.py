@@ -157,6 +157,7 @@ class GradientReducer:
         self._params = list(params.values())
         self._buckets: list[list[int]] = []
         self._bucket_of: dict[int, int] = {}
+        self._offset_of: dict[int, int] = {}  # where a parameter's gradient starts in its bucket
         limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 2 ** 20
         size = 0
         for i in reversed(range(len(self._params))):
@@ -167,6 +168,7 @@ class GradientReducer:
                                                                            previous.device):
                 self._buckets.append([])
                 size = 0
+            self._offset_of[i] = sum(self._params[j].numel() for j in self._buckets[-1])
             self._buckets[-1].append(i)
             self._bucket_of[i] = len(self._buckets) - 1
             size += p.numel() * p.element_size()
@@ -194,14 +196,8 @@ class GradientReducer:
 
     def _slice(self, index: int) -> torch.Tensor:
         """The view of `index`'s gradient in its bucket."""
-        bucket = self._bucket_of[index]
-        offset = 0
-        for i in self._buckets[bucket]:
-            if i == index:
-                p = self._params[i]
-                return self._flats[bucket][offset:offset + p.numel()].view_as(p)
-            offset += self._params[i].numel()
-        raise KeyError(index)
+        p, offset = self._params[index], self._offset_of[index]
+        return self._flats[self._bucket_of[index]][offset:offset + p.numel()].view_as(p)
 
     def _ready(self, index: int, grad: torch.Tensor):
         """Copy a gradient into its bucket (sending a full bucket); return the bucket's view of
@@ -233,17 +229,11 @@ class GradientReducer:
             if bucket not in self._works:
                 self._send(bucket)
         self._armed = False
-        out = [None] * len(self._params)
-        works, self._works, self._grads = self._works, {}, {}  # hold no gradient past the step
-        self._flats = []
-        for bucket, (flat, work) in sorted(works.items()):
+        for bucket, (flat, work) in sorted(self._works.items()):
             _collective(work.wait)
             flat /= world_size()
-            offset = 0
-            for i in self._buckets[bucket]:
-                n = self._params[i].numel()
-                out[i] = flat[offset:offset + n].view_as(self._params[i])
-                offset += n
+        out = [self._slice(i) for i in range(len(self._params))]
+        self._works, self._grads, self._flats = {}, {}, []  # hold no gradient past the step
         return out
 
 

@@ -58,14 +58,14 @@ def live_levels(program) -> dict[str, tuple[str, ...]]:
     windows: dict[str, list[str]] = {}
     for upper, edges in program._edges.items():
         method = program.levels[upper].method
-        if method.name == "itd" and not dict(method.options).get("recompute"):
+        if method.name == "itd" and not method.option("recompute"):
             for lower in edges:
                 windows.setdefault(lower, []).append(upper)
     live = {}
     for lower, uppers in windows.items():
         options = program.levels[lower].options
         alone = len(uppers) == 1 or all(program.graph.reads(u) == (lower,) for u in uppers)
-        orders = {dict(program.levels[u].method.options).get("first_order") for u in uppers}
+        orders = {program.levels[u].method.option("first_order") for u in uppers}
         if (alone and len(orders) == 1
                 and all(program._edges[u][lower] == (u,) for u in uppers)
                 and lower not in program._edges and options.grad_accum == options.tasks == 1
@@ -166,7 +166,7 @@ class LiveUnroll:
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, None
-        second_order = not dict(self.levels[uppers[0]].method.options).get("first_order")
+        second_order = not self.levels[uppers[0]].method.option("first_order")
         grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()),
                                                     create_graph=second_order, allow_unused=True)))
         # a parameter the loss does not reach keeps its gradient None: no update, as in torch

@@ -99,9 +99,10 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
         for upper in self._edges:
             self._restart_windows(upper)
         self._unrolled = {lower for _, lower in self._windows}  # levels whose steps are recorded
-        self._keep = {upper: (_kept_on(lv), dict(lv.method.options).get("keep_every", 1))
+        # itd(recompute=True) upper levels: (keep the lower levels' points on the CPU?, every k-th)
+        self._keep = {upper: (lv.method.option("offload", False), lv.method.option("keep_every", 1))
                       for upper, lv in self.levels.items()
-                      if lv.method is not None and dict(lv.method.options).get("recompute")}
+                      if lv.method is not None and lv.method.option("recompute")}
         self._streams = {n: Stream(lv.data, n) for n, lv in self.levels.items()
                          if lv.data is not None}
         self._parallel = distributed.world_size() > 1
@@ -230,9 +231,9 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
     def _record_windows(self, level: Level, micro_batches: list, rule=None, rng=None) -> None:
         for (upper, lower), window in self._windows.items():
             if lower == level.name:
-                keep, every = self._keep.get(upper, (None, 1))
-                window.record(level, micro_batches, rule, rng,
-                              keep and (keep if keep == "cpu" else level_device(level)), every)
+                offload, every = self._keep.get(upper, (None, 1))
+                keep = None if offload is None else "cpu" if offload else level_device(level)
+                window.record(level, micro_batches, rule, rng, keep, every)
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""
@@ -330,12 +331,6 @@ def _check_levels(levels) -> None:
                              "@mlo.level(name=...).")
         names.add(lv.name)
     checks.check_shared(levels)
-
-
-def _kept_on(upper: Level) -> str:
-    """Where `itd(recompute=True)` keeps the lower levels' steps: "cpu" with offload=True, else
-    on each lower level's own device ("device")."""
-    return "cpu" if dict(upper.method.options).get("offload") else "device"
 
 
 def _device_type(level: Level) -> str:

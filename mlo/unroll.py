@@ -50,19 +50,22 @@ class Window:
         device, for `itd(recompute=True)`) the step's starting point is kept there too: the
         parameters and optimizer state, copied before the step changes them (at every `every`-th
         step; None at the others)."""
-        if keep is not None and self.batches and len(self.batches) % every:
-            self.points.append(None)  # recomputed from the last kept point when needed
-        elif keep is not None and self.batches:
-            named = level.named_parameters()
-            mirror = FunctionalOptimizer.from_optimizer(level.optimizer, named, level=level.name)
-            state = mirror.state(level.optimizer, named, copy=False)
-            self.points.append(({k: p.detach().to(keep, copy=True) for k, p in named.items()},
-                                {k: {n: x.to(keep, copy=True) for n, x in entry.items()}
-                                 for k, entry in state.items()}))
+        if keep is not None and self.batches:  # a step after the first: its starting point
+            # None where not kept: recomputed from the last kept point when needed
+            self.points.append(_point(level, keep) if len(self.batches) % every == 0 else None)
         self.batches.append(list(micro_batches))
         self.rng.append(rng)
         self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(
             level.optimizer, level.named_parameters(), level.options.clip_grad, level.name))
+
+
+def _point(level, device) -> tuple[dict, dict]:
+    """Copies, on `device`, of a level's parameters and optimizer state (mirror's names)."""
+    named = level.named_parameters()
+    mirror = FunctionalOptimizer.from_optimizer(level.optimizer, named, level=level.name)
+    state = mirror.state(level.optimizer, named, copy=False)
+    return ({k: p.detach().to(device, copy=True) for k, p in named.items()},
+            {k: {n: x.to(device, copy=True) for n, x in entry.items()} for k, entry in state.items()})
 
 
 def level_device(level) -> torch.device:

@@ -26,6 +26,10 @@ class Method:
     fn: Callable = field(repr=False, compare=False)
     options: tuple = ()
 
+    def option(self, key: str, default=None):
+        """The value of one of the options this method was configured with (`default` if unset)."""
+        return dict(self.options).get(key, default)
+
     def __call__(self, loss_fn, inner_params: Params, outer_params: Params, v: Params,
                  **context) -> Params:
         return self.fn(loss_fn, inner_params, outer_params, v, **context)
