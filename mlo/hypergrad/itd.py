@@ -128,27 +128,37 @@ def _recomputed(losses, updates, start, state, outer, v, init, second_order, tra
             else {k: _to(x, device).requires_grad_() for k, x in values.items()}
         opt_state = {k: {n: _to(x, device).requires_grad_() if _float(n, x) else _to(x, device)
                          for n, x in entry.items()} for k, entry in opt_state.items()}
-        new_params, new_state = _unrolled_step(losses[t], updates[t], params, outer, opt_state,
-                                               second_order)
-        outputs = [(new_params[k], adjoint[k]) for k in new_params if new_params[k].requires_grad]
-        outputs += [(new_state[k][n], a) for k, entry in state_adjoint.items()
-                    for n, a in entry.items() if new_state[k][n].requires_grad]
-        leaves = [] if t == 0 and init is not None else list(params.items())
-        state_leaves = [((k, n), x) for k, entry in opt_state.items() for n, x in entry.items()
-                        if x.requires_grad]
-        inputs = [x for _, x in leaves] + [x for _, x in state_leaves] + list(outer.values())
-        grads = torch.autograd.grad([o for o, _ in outputs], inputs, [a for _, a in outputs],
-                                    allow_unused=True) if outputs else [None] * len(inputs)
-        adjoint = {k: torch.zeros_like(x) if g is None else g
-                   for (k, x), g in zip(leaves, grads)}
-        state_adjoint = {}
-        for ((k, n), _), g in zip(state_leaves, grads[len(leaves):]):
-            if g is not None:
-                state_adjoint.setdefault(k, {})[n] = g
-        for key, g in zip(outer, grads[len(leaves) + len(state_leaves):]):
-            if g is not None:
-                result[key] = result[key] + g
+        adjoint, state_adjoint, grads = _step_vjp(
+            losses[t], updates[t], params, opt_state, outer, adjoint, state_adjoint,
+            second_order, params_are_leaves=not (t == 0 and init is not None))
+        for key, g in grads.items():
+            result[key] = result[key] + g
     return result
+
+
+def _step_vjp(f, update, params, opt_state, outer, adjoint, state_adjoint, second_order,
+              params_are_leaves=True):
+    """One step of the reverse pass: rebuild θ_{t+1}, state_{t+1} from `params`, `opt_state`
+    and pull (adjoint, state_adjoint) back through it. Returns the adjoints of θ_t and state_t
+    and the outer parameters' share {key: gradient} (where it is not zero)."""
+    new_params, new_state = _unrolled_step(f, update, params, outer, opt_state, second_order)
+    outputs = [(new_params[k], adjoint[k]) for k in new_params if new_params[k].requires_grad]
+    outputs += [(new_state[k][n], a) for k, entry in state_adjoint.items()
+                for n, a in entry.items() if new_state[k][n].requires_grad]
+    leaves = list(params.items()) if params_are_leaves else []
+    state_leaves = [((k, n), x) for k, entry in opt_state.items() for n, x in entry.items()
+                    if x.requires_grad]
+    inputs = [x for _, x in leaves] + [x for _, x in state_leaves] + list(outer.values())
+    grads = torch.autograd.grad([o for o, _ in outputs], inputs, [a for _, a in outputs],
+                                allow_unused=True) if outputs else [None] * len(inputs)
+    adjoint = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(leaves, grads)}
+    state_adjoint = {}
+    for ((k, n), _), g in zip(state_leaves, grads[len(leaves):]):
+        if g is not None:
+            state_adjoint.setdefault(k, {})[n] = g
+    shares = {key: g for key, g in zip(outer, grads[len(leaves) + len(state_leaves):])
+              if g is not None}
+    return adjoint, state_adjoint, shares
 
 
 def _forward(losses, updates, start, state, outer, device, offload: bool,
@@ -180,7 +190,7 @@ def _kept(tree: dict, offload: bool) -> dict:
 
 
 def _to(x: torch.Tensor, device) -> torch.Tensor:
-    return x.detach().to(device) if x.device != device else x.detach()
+    return x.detach().to(device)  # no copy where it is there already
 
 
 def _float(name: str, x: torch.Tensor) -> bool:
