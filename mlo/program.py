@@ -19,6 +19,7 @@ from .graph import infer
 from .history import History
 from .level import Level, registry
 from .live import LiveUnroll, live_levels, live_uppers
+from .plain import PlainStep, plain_levels
 from .precision import Precision
 from .running import Runner
 from .unroll import Window, level_device, rng_state
@@ -27,7 +28,7 @@ from .unroll import Window, level_device, rng_state
 _ALONE = contextlib.nullcontext()  # one process: no rank to tell about a failure
 
 
-class Program(Runner, ChainRule, Costs, LiveUnroll):
+class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
     """A multilevel program built from levels; `Program()` takes every level in `mlo.registry`.
 
     `on_nonfinite="raise"` (default) raises `NonFiniteError` on a NaN/inf loss or hypergradient,
@@ -115,6 +116,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
             for lv in levels:
                 distributed.broadcast_level(lv)
                 self._reducers[lv.name] = distributed.GradientReducer(lv.named_parameters())
+        self._plain = plain_levels(self)  # {level: its cost's handles} for plain real steps
 
     def __repr__(self) -> str:
         return f"<mlo Program: {', '.join(self.graph.order)} (lowest first), step {self.global_step}>"
@@ -170,6 +172,9 @@ class Program(Runner, ChainRule, Costs, LiveUnroll):
 
     def _step_level(self, level: Level, batch) -> float | None:
         name, options = level.name, level.options
+        handles = self._plain.get(name)
+        if handles is not None:
+            return self._plain_step(level, batch, handles)
         precision = self._precision[name]
         if name in self._unchecked:  # once: a cost that reads a module around its handle
             self._unchecked.discard(name)
