@@ -7,7 +7,8 @@ observe the difference, mlo skips that wrapper:
 
 - plain `torch.optim.SGD` (no momentum, weight decay, maximize; a float lr; foreach and fused
   off or unset) on CPU parameters: `p.add_(p.grad, alpha=-lr)` for each parameter with a
-  gradient, the very update of its single-tensor implementation;
+  gradient, the very update of its single-tensor implementation, issued as one
+  `torch._foreach_add_` per param group (on CPU that runs the same `add_` per tensor);
 - any other optimizer of `torch.optim` (SGD, Adam, AdamW, ...): its own `step` function called
   without the wrapper, under `torch.no_grad()`, i.e. the same code on the same state.
 
@@ -35,9 +36,9 @@ def step(optimizer: torch.optim.Optimizer) -> None:
     elif plain_cpu_sgd(optimizer):
         with torch.no_grad():
             for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-group["lr"])
+                stepped = [p for p in group["params"] if p.grad is not None]
+                if stepped:  # on CPU: p.add_(p.grad, alpha=-lr) for each, in one call
+                    torch._foreach_add_(stepped, [p.grad for p in stepped], alpha=-group["lr"])
     else:
         with torch.no_grad():
             raw(optimizer)

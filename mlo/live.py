@@ -103,9 +103,13 @@ class LiveUnroll:
         # retained: with grad_accum the trajectory serves several micro-batches
         grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=True,
                                     allow_unused=True)
-        finite = precision.scaler is not None or all_finite(
-            {name: {k: g for k, g in zip(own, grads) if g is not None}})
         add_to_grads(own.values(), grads)  # an fp16 overflow stays there, for the loss scaler
+        # in a meta-batch the tasks' gradients add up in .grad, where a NaN or inf stays: one
+        # check of the sum, after the last task, decides as a check of every task would
+        meta_batch = self._meta_batches.get(name)
+        finite = precision.scaler is not None or (
+            meta_batch is not None and meta_batch.done < meta_batch.tasks - 1) or all_finite(
+            {name: {k: p.grad for k, p in own.items() if p.grad is not None}})
         return value, metrics, self._finite(level, 0.0 if finite else float("nan"),
                                             "hypergradient")
 

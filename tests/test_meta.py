@@ -372,3 +372,43 @@ def test_reset_clears_the_optimizer_state():
     program.step()  # the second window: reset to φ, fresh momentum
     for p in learner.parameters():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], p.grad)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_a_task_with_a_non_finite_meta_gradient_spoils_its_meta_batch(on_nonfinite):
+    """The tasks' gradients add up in .grad and are checked once, after the last task: a task
+    whose meta-gradient is infinite (finite loss: √ at 0) makes the whole meta step skipped, or
+    raises, as a check of every task would."""
+    tasks = make_tasks(6)
+    poisoned = {1}  # the second task of the first meta-batch
+    learner, meta_net = net(), net()
+    seen = []
+
+    @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(), lr=ALPHA),
+               data=[s for s, _ in tasks for _ in range(K)], unroll=K)
+    def adapt(batch, module, meta: mlo.Init):
+        return mse_of(module, batch)
+
+    @mlo.level(module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=BETA),
+               data=[q for _, q in tasks], hypergrad="itd", tasks=3)
+    def meta(batch, adapt):
+        task = len(seen)
+        seen.append(task)
+        loss = mse_of(adapt, batch)
+        if task in poisoned:  # d√u/du at u = 0 is inf; the value stays finite
+            loss = loss + torch.sqrt(0.0 * loss)
+        return loss
+
+    program = mlo.Program(adapt, meta, on_nonfinite=on_nonfinite)
+    before = {k: p.detach().clone() for k, p in meta_net.named_parameters()}
+    if on_nonfinite == "raise":
+        with pytest.raises(mlo.errors.NonFiniteError, match="hypergradient"):
+            run(program, tasks)
+        return
+    run(program, tasks[:3])  # the first meta-batch: skipped, φ unchanged
+    assert program.skipped["meta"] == 1 and program.steps["meta"] == 1
+    for key, p in meta_net.named_parameters():
+        assert torch.equal(p.detach(), before[key])
+    run(program, tasks[3:])  # the second is clean: applied
+    assert program.skipped["meta"] == 1 and program.steps["meta"] == 2
+    assert not all(torch.equal(p.detach(), before[k]) for k, p in meta_net.named_parameters())
