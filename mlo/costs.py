@@ -27,6 +27,12 @@ class Costs:
         marks a real step run with given parameters (a live ITD window): modules then advance
         their running statistics, as in any real step.
         """
+        out = self._cost_output(level, batch, params, frozen, real)
+        return self._loss_of(level, out, metrics=not frozen)
+
+    def _cost_output(self, level: Level, batch, params: dict[str, dict], frozen: bool = False,
+                     real: bool = False):
+        """What the cost function returns (a loss, or a dict with one), as `_cost` runs it."""
         kwargs = {}
         if level.uses_batch:
             kwargs["batch"] = batch
@@ -38,8 +44,7 @@ class Costs:
                 values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
             kwargs[other] = Handle(self.levels[other], values, real=real)
         with self._precision[level.name].autocast():
-            out = level.fn(**kwargs)
-        return self._loss_of(level, out, metrics=not frozen)
+            return level.fn(**kwargs)
 
     def _loss_of(self, level: Level, out, metrics: bool = True) -> tuple[torch.Tensor, dict]:
         """Split a cost's output into the scalar loss and its metrics (read only when `metrics`:
