@@ -140,9 +140,10 @@ class Costs:
 
 
 def scaled_loss(level: Level, precision: Precision, loss: torch.Tensor) -> torch.Tensor:
-    """The loss to differentiate: scaled for fp16, divided over the micro-batches (and tasks)
-    whose gradients one optimizer step accumulates."""
-    scaled, parts = precision.scale_loss(loss), level.options.grad_accum * level.options.tasks
+    """The loss to differentiate: scaled for fp16, divided over the micro-batches (and tasks,
+    unless they run side by side: `vmap=True`) whose gradients one optimizer step accumulates."""
+    tasks = 1 if level.options.vmap else level.options.tasks
+    scaled, parts = precision.scale_loss(loss), level.options.grad_accum * tasks
     return scaled / parts if parts > 1 else scaled
 
 

@@ -53,6 +53,7 @@ class Options:
     bf16: bool = False
     scheduler: Any = None
     tasks: int = 1
+    vmap: bool = False
     activation_checkpointing: bool = False
     compile: Any = False
 
@@ -128,8 +129,8 @@ class Level:
 
 def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
           bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
-          warmup: int = 0, tasks: int = 1, activation_checkpointing: bool = False,
-          compile=False, name: str | None = None):
+          warmup: int = 0, tasks: int = 1, vmap: bool = False,
+          activation_checkpointing: bool = False, compile=False, name: str | None = None):
     """Declare a level of a multilevel program; its signature names the levels it depends on.
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
@@ -138,7 +139,8 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     (`mlo.handle.Handle`: it also gives `module.weight`, submodules and methods as in use).
     The level is recorded in `mlo.registry` under its name, replacing any earlier level of that name.
     `tasks=T` makes one optimizer step of this level average T windows of the levels it reads (a
-    meta-batch of T tasks, see `mlo.meta`).
+    meta-batch of T tasks, see `mlo.meta`); with `vmap=True` the T tasks run side by side along
+    a leading task axis of every batch, vectorised with `torch.func.vmap` (`mlo.task_axis`).
 
     `data` yields whole batches: a tensor or a map-style `Dataset`, which yield single examples,
     are refused (wrap them in a `DataLoader`). `fp16=True` is meant for GPUs: on CPU float16
@@ -177,7 +179,7 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
             return (weighting(loss.detach()[:, None]).squeeze(1) * loss).mean()
     """
     options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
-                      fp16=fp16, bf16=bf16, scheduler=scheduler, tasks=tasks,
+                      fp16=fp16, bf16=bf16, scheduler=scheduler, tasks=tasks, vmap=vmap,
                       activation_checkpointing=activation_checkpointing, compile=compile)
 
     def decorate(fn: Callable) -> Level:
@@ -221,7 +223,7 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
             isinstance(options.clip_grad, (int, float)) and options.clip_grad > 0)):
         raise LevelError(f"{prefix} clip_grad must be a positive max norm or None, "
                          f"got {options.clip_grad!r}.")
-    for key in ("fp16", "bf16", "activation_checkpointing"):
+    for key in ("fp16", "bf16", "vmap", "activation_checkpointing"):
         if not isinstance(getattr(options, key), bool):
             raise LevelError(f"{prefix} {key} must be True or False, got {getattr(options, key)!r}.")
     if options.activation_checkpointing and isinstance(module, torch.Tensor):
@@ -237,6 +239,9 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
     if options.compile is not False and options.activation_checkpointing:
         raise LevelError(f"{prefix} compile and activation_checkpointing are both set; choose "
                          f"one (checkpointing a compiled module is not supported here).")
+    if options.vmap and options.tasks == 1:
+        raise LevelError(f"{prefix} vmap=True runs the tasks of a meta-batch side by side, but "
+                         f"tasks=1; set tasks=T (the meta-batch size) too, or remove vmap=True.")
     if options.fp16 and options.bf16:
         raise LevelError(f"{prefix} fp16 and bf16 are both set; choose one precision.")
     if options.scheduler is not None and not callable(getattr(options.scheduler, "step", None)):

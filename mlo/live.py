@@ -37,6 +37,7 @@ import torch
 from . import fast_step
 from .costs import all_finite, add_to_grads, scaled_loss
 from .optim import FunctionalOptimizer
+from .task_axis import broadcast, task_costs
 from .unroll import level_device, replaying, rng_state
 
 
@@ -94,7 +95,11 @@ class LiveUnroll:
         hand-written MAML loop computes them."""
         name = level.name
         ends = {low: self._windows[(name, low)].live.params for low in self._reads[name]}
-        loss, metrics = self._cost(level, batch, ends, real=True)
+        if level.options.vmap:  # the mean of the tasks' losses, each on its own ends
+            losses, metrics = task_costs(self, level, batch, ends, level.options.tasks)
+            loss = losses.mean()
+        else:
+            loss, metrics = self._cost(level, batch, ends, real=True)
         value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, False
@@ -139,7 +144,11 @@ class LiveUnroll:
                                                   level.options.clip_grad, name)
         self._record_windows(level, [micro], rule, rng_state(level_device(level)))
         value, metrics, grads = self._advance(level, windows, micro, rule)
-        if grads is not None:
+        if grads is not None and name in self._task_axis:  # the mirror is the update
+            values = {k: t.detach() for k, t in windows[0].live.params.items()}
+            for window in windows:
+                window.values.append(values)
+        elif grads is not None:
             clipped = level.options.clip_grad is not None  # clipping scales .grad in place
             for key, p in level.named_parameters().items():
                 g = grads[key]
@@ -165,9 +174,14 @@ class LiveUnroll:
         # differentiates: the graph reads copies of them
         copy = len(uppers) > 1
         theta = windows[0].live.params
-        loss, metrics = self._cost(level, batch, self._live_inputs(level, uppers, theta, copy),
-                                   real=real)
-        value = float(loss.detach())
+        inputs = self._live_inputs(level, uppers, theta, copy)
+        if level.name in self._task_axis:  # the sum: each task's parameters get their gradient
+            losses, metrics = task_costs(self, level, batch, inputs,
+                                         self._task_axis[level.name], real)
+            loss, value = losses.sum(), float(losses.detach().mean())
+        else:
+            loss, metrics = self._cost(level, batch, inputs, real=real)
+            value = float(loss.detach())
         if not self._finite(level, value, "loss"):
             return value, metrics, None
         second_order = not self.levels[uppers[0]].method.option("first_order")
@@ -187,6 +201,8 @@ class LiveUnroll:
         start = self._starts.get(level.name)
         if start in self._live[level.name]:
             params = {k: t.clone() for k, t in self.levels[start].named_parameters().items()}
+            if level.name in self._task_axis:
+                params = broadcast(params, self._task_axis[level.name])
         else:
             params = {k: t.detach().requires_grad_() for k, t in window.params.items()}
         return Trajectory(params, {k: dict(v) for k, v in window.state.items()})

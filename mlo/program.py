@@ -22,6 +22,7 @@ from .live import LiveUnroll, live_levels, live_uppers
 from .plain import PlainStep, plain_levels
 from .precision import Precision
 from .running import Runner
+from .task_axis import vmapped_levels
 from .unroll import Window, level_device, rng_state
 
 
@@ -88,7 +89,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
                     f"hypergrad='first_order' (direct gradient only).")
         meta.check_tasks(self.levels, self.graph, self._edges)
         self._meta_batches = {n: meta.MetaBatch(lv.options.tasks) for n, lv in self.levels.items()
-                              if lv.options.tasks > 1}
+                              if lv.options.tasks > 1 and not lv.options.vmap}
         self._precision = {n: Precision(lv.options.fp16, lv.options.bf16, _device_type(lv))
                            for n, lv in self.levels.items()}
         for name, precision in self._precision.items():
@@ -111,6 +112,7 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
                        for n in self.levels}  # the solutions each level differentiates through
         self._live = live_levels(self)  # {level: upper} whose real steps record the ITD graph
         self._live_uppers = live_uppers(self)
+        self._task_axis = vmapped_levels(self)  # {level: T} for levels run on a task axis
         self._reducers = {}  # a level without one is averaged in one all-reduce after its step
         if self._parallel:
             for lv in levels:
