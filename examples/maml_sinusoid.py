@@ -24,6 +24,9 @@ actually taken (`--imaml-lambda` sets λ).
 
     PYTHONPATH=. python examples/maml_sinusoid.py            # 3 seeds, about 6 minutes (one core)
     PYTHONPATH=. python examples/maml_sinusoid.py --quick    # seconds (CI)
+
+`--vmap` runs MAML's and FOMAML's meta-batches with their tasks side by side (`tasks=T,
+vmap=True`, `mlo.task_axis`): the same meta-gradients, vectorised over the tasks.
 """
 
 import argparse
@@ -100,6 +103,8 @@ def main():
     parser.add_argument("--test-tasks", type=int, default=200)
     parser.add_argument("--imaml-lambda", type=float, default=1.0, help="iMAML's proximal weight")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--vmap", action="store_true",
+                        help="run MAML's and FOMAML's tasks side by side (tasks=T, vmap=True)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.meta_steps, args.tasks, args.test_tasks = 1, 2, 2, 5

@@ -6,6 +6,8 @@ y_query)). The learner takes `steps` SGD steps (lr `inner_lr`) per task from θ�
 the meta level steps once per meta-batch of `settings.tasks` tasks (`tasks=T`) with Adam
 (`settings.outer_lr`); Reptile uses plain SGD with lr 0.1 on the pull towards θ_T. iMAML adds
 λ/2‖θ − φ‖² (λ = `settings.imaml_lambda`) to the inner cost and uses `aid_cg(iters=5)`.
+With `settings.vmap`, MAML and FOMAML run each meta-batch's tasks side by side (`tasks=T,
+vmap=True`, FOMAML as `itd(first_order=True)`); the others run them one after another.
 """
 
 import copy
@@ -39,6 +41,25 @@ class TaskParts:
                 yield task[self.part]
 
 
+class StackedParts(TaskParts):
+    """Part `part` of each meta-batch of `size` tasks, stacked along a leading task axis (for
+    `vmap=True`): one batch per meta-batch, `repeat` times in a row."""
+
+    def __init__(self, tasks, part, size, repeat=1):
+        super().__init__(tasks, part, repeat)
+        self.size = size
+
+    def __len__(self):
+        return len(self.tasks) // self.size * self.repeat
+
+    def __iter__(self):
+        for start in range(0, len(self.tasks) - self.size + 1, self.size):
+            parts = [self.tasks[i][self.part] for i in range(start, start + self.size)]
+            batch = tuple(torch.stack(tensors) for tensors in zip(*parts))
+            for _ in range(self.repeat):
+                yield batch
+
+
 def adapt_level(method, learner, optimizer, support, loss, steps, prox):
     """The learner: `steps` SGD steps per task from θ₀ = φ (`mlo.Init`)."""
     if method == "Meta-SGD":
@@ -66,8 +87,16 @@ def meta_level(method, meta_net, queries, loss, settings):
             return loss(adapt(batch[0]), batch[1])
         outer = torch.optim.Adam(meta_net.parameters(), lr=settings.outer_lr)
     hypergrad = mlo.hypergrad.aid_cg(iters=5) if method == "iMAML" else HYPERGRADS[method]
+    vmap = side_by_side(method, settings)
+    if vmap and method == "FOMAML":  # recorded live, as MAML, with each step's gradient constant
+        hypergrad = mlo.hypergrad.itd(first_order=True)
     return mlo.level(module=meta_net, optimizer=outer, data=queries, hypergrad=hypergrad,
-                     tasks=settings.tasks)(meta)
+                     tasks=settings.tasks, vmap=vmap)(meta)
+
+
+def side_by_side(method, settings) -> bool:
+    """Whether `method` runs its meta-batch's tasks side by side (`--vmap`: MAML and FOMAML)."""
+    return getattr(settings, "vmap", False) and method in ("MAML", "FOMAML")
 
 
 def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
@@ -76,8 +105,12 @@ def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
     Cost: len(tasks) · steps learner steps, plus one meta-gradient per task.
     """
     learner = copy.deepcopy(meta_net)
-    support = TaskParts(tasks, 0, repeat=steps)  # `steps` steps on each support set
-    queries = TaskParts(tasks, 1)
+    if side_by_side(method, settings):  # one batch of all the meta-batch's tasks per step
+        support = StackedParts(tasks, 0, settings.tasks, repeat=steps)
+        queries = StackedParts(tasks, 1, settings.tasks)
+    else:
+        support = TaskParts(tasks, 0, repeat=steps)  # `steps` steps on each support set
+        queries = TaskParts(tasks, 1)
     rates = nn.ParameterList(nn.Parameter(torch.tensor(inner_lr)) for _ in learner.parameters())
     lrs = rates if method == "Meta-SGD" else [inner_lr] * len(rates)
     optimizer = torch.optim.SGD([{"params": [p], "lr": r}
@@ -95,7 +128,7 @@ def meta_train(method, meta_net, tasks, loss, settings, inner_lr, steps):
     program = mlo.Program(*levels)
     start = time.perf_counter()
     program.run(len(support), progress=False)
-    seconds = (time.perf_counter() - start) * settings.tasks / len(tasks)
+    seconds = (time.perf_counter() - start) * settings.tasks / len(tasks)  # per meta step
     return (list(rates) if method == "Meta-SGD" else None), seconds
 
 

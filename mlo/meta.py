@@ -57,8 +57,11 @@ per task, repeat a batch to take several steps on it) and `meta`'s data the quer
 task in the same order (`grad_accum` query batches per task where `meta` sets it). A meta step
 takes T·unroll global steps; the levels above see one step. Tasks run one after another, as a
 hand-written MAML loop runs them: memory stays that of one task, and any module, optimizer and
-cost works unchanged (vectorising tasks with `torch.func.vmap` would need a task axis on the
-learner's parameters and optimizer state, which a plain `torch.optim` optimizer does not have).
+cost works unchanged. With `tasks=T, vmap=True` they run side by side instead, along a leading
+task axis of every batch, vectorised with `torch.func.vmap` (`mlo.task_axis`: MAML and FOMAML
+with `itd`; the learner's parameters and optimizer state get the task axis and its optimizer's
+functional mirror applies the steps): one meta step takes `unroll` global steps, and the
+memory of all T tasks is held at once.
 """
 
 from __future__ import annotations

@@ -18,10 +18,15 @@ EXAMPLES = ["hpo_logreg.py", "data_reweighting.py", "label_correction.py", "doma
 TABLE_RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$", re.MULTILINE)  # a markdown |---|---| line
 
 
-@pytest.mark.parametrize("name", [n for n in EXAMPLES if (ROOT / "examples" / n).is_file()])
-def test_example_quick_mode_prints_its_results_table(name, tmp_path):
+RUNS = [[n] for n in EXAMPLES] + [["maml_sinusoid.py", "--vmap"]]  # and variants
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if (ROOT / "examples" / r[0]).is_file()],
+                         ids=" ".join)
+def test_example_quick_mode_prints_its_results_table(run, tmp_path):
+    name, *options = run
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick"],
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick", *options],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     output = f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     assert result.returncode == 0, f"{name} --quick exited with {result.returncode}:\n{output}"

@@ -6,7 +6,8 @@ from ..harness import Case, replace
 from .common import Config
 
 TITLE = "MAML, few-shot sinusoid regression"
-IMPLEMENTATIONS = ("handwritten", "mlo_impl", "higher_impl", "torchopt_impl")
+IMPLEMENTATIONS = ("handwritten", "mlo_impl", "higher_impl", "torchopt_impl", "handwritten_vmap",
+                   "mlo_vmap_impl")
 NOTES = [
     "Task: y = A sin(x + b), A ~ U[0.1, 5], b ~ U[0, π], 10 support / 10 query points; MLP "
     "1-40-40-1 (ReLU); 5 inner SGD steps (lr 0.01) from θ₀ = φ; Adam (lr 1e-3) on the mean "

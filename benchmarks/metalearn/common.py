@@ -119,3 +119,12 @@ class Runner:
 
     def outer_params(self):
         return list(self.net.parameters())
+
+
+def stacked(tasks_: list) -> tuple:
+    """The support and query batches of a meta-batch with the tasks along a leading axis:
+    ((xs, ys), (xq, yq)), each T × shots × 1 (task i at index i)."""
+    def stack(batches):
+        return tuple(torch.stack(parts) for parts in zip(*batches))
+    return stack([s for s, _ in tasks_]), stack([q for _, q in tasks_])
+
