@@ -18,14 +18,19 @@ unroll does.
 
 Cost: each real step builds its double-backward graph (what the replay would build), and the
 graph of the T steps is held from a window's first step until the upper level's step (a replay
-holds it only during that step); the peak, at the upper level's step, is the same.
+holds it only during that step); the peak, at the upper level's step, is the same. The graph
+holds what the second backward pass reads (activations, and parameters only where the backward
+pass reads them), not a copy of θ_t per step, and the upper level's backward pass frees it as it
+goes unless another micro-batch or upper level needs it again.
 
 Used only where nothing else needs the real step: one micro-batch per step, no fp16/bf16, no
 data parallelism, no activation checkpointing (a memory option: live windows hold their graph
 longer), a level that has no hypergradient of its own (see `live_levels` for several
 ITD upper levels); elsewhere the window is replayed. A window resumed from a checkpoint takes its
-recorded steps again functionally, moved onto the values the real steps had, then continues live:
-so a checkpoint taken inside a live window also holds the parameters after each of its steps.
+recorded steps again functionally, moved onto the values the real steps had, then continues live.
+For plain SGD on CPU (and on a task axis, where the mirror is the update) the replay takes those
+very values bit for bit, so nothing is kept for it; for any other update the window keeps the
+parameters after each of its steps (one copy of θ per step, the price of exact resume there).
 """
 
 from __future__ import annotations
@@ -105,8 +110,11 @@ class LiveUnroll:
             return value, metrics, False
         scaled = scaled_loss(level, precision, loss)
         own = level.named_parameters()
-        # retained: with grad_accum the trajectory serves several micro-batches
-        grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=True,
+        # the graph is freed as the pass goes (its peak is then the graph, not graph and
+        # gradients), unless several micro-batches or another upper level still need it
+        retain = level.options.grad_accum > 1 or any(len(self._live[low]) > 1
+                                                     for low in self._reads[name])
+        grads = torch.autograd.grad(scaled, list(own.values()), retain_graph=retain,
                                     allow_unused=True)
         add_to_grads(own.values(), grads)  # an fp16 overflow stays there, for the loss scaler
         # in a meta-batch the tasks' gradients add up in .grad, where a NaN or inf stays: one
@@ -136,33 +144,33 @@ class LiveUnroll:
             for step, (batches, rule) in enumerate(zip(recorded.batches, recorded.optimizers)):
                 with replaying(recorded.rng[step], level_device(level)):
                     self._advance(level, windows, batches[0], rule, real=False)
-                if step < len(recorded.values):  # the values the real step had
-                    _take_values(recorded.live, recorded.values[step])
+                if step < len(recorded.values) and recorded.values[step] is not None:
+                    _take_values(recorded.live, recorded.values[step])  # the real step's values
         micro = batch if batch is not None else self._next_batch(level)
         self._last_batch[name] = micro
         rule = FunctionalOptimizer.from_optimizer(level.optimizer, level.named_parameters(),
                                                   level.options.clip_grad, name)
         self._record_windows(level, [micro], rule, rng_state(level_device(level)))
         value, metrics, grads = self._advance(level, windows, micro, rule)
-        if grads is not None and name in self._task_axis:  # the mirror is the update
-            values = {k: t.detach() for k, t in windows[0].live.params.items()}
-            for window in windows:
-                window.values.append(values)
-        elif grads is not None:
+        # the values to resume this step with: None where a replay takes the very same ones
+        values = None
+        if grads is None:  # skipped, as a real step would be: the trajectory stays where it is
+            self.skipped[name] += 1
+            for p in level.named_parameters().values():
+                p.grad = None
+            self._drop_from_windows(name)
+            return self._record(level, [(value, metrics)])
+        if name not in self._task_axis:  # (on a task axis the mirror is the update)
             clipped = level.options.clip_grad is not None  # clipping scales .grad in place
             for key, p in level.named_parameters().items():
                 g = grads[key]
                 p.grad = None if g is None else g.detach().clone() if clipped else g.detach()
             self._apply(level, self._precision[name])
-            if level.options.clip_grad is None and fast_step.plain_cpu_sgd(level.optimizer):
-                # the mirror's update is the optimizer's own arithmetic: the values are equal
-                values = {k: t.detach() for k, t in windows[0].live.params.items()}
-            else:
+            if clipped or not fast_step.plain_cpu_sgd(level.optimizer):
                 values = _take_values(windows[0].live, level.named_parameters())
-            for window in windows:
-                window.values.append(values)
-        else:  # skipped, as a real step would be: the trajectory stays where it is
-            self.skipped[name] += 1
+            # else the mirror's update is the optimizer's own arithmetic: the values are equal
+        for window in windows:
+            window.values.append(values)
         return self._record(level, [(value, metrics)])
 
     def _advance(self, level, windows: list, batch, rule: FunctionalOptimizer, real=True):
@@ -244,7 +252,7 @@ def _take_values(trajectory: Trajectory, source: dict) -> dict:
     recorded of it), keeping its graph: θ − θ.detach() + value is exactly the value, with θ's
     derivatives. The torch optimizer's arithmetic (fused kernels, its own order of operations)
     is authoritative, the mirror's graph gives the derivatives. Returns the values, detached
-    views of the new trajectory (which its graph holds anyway: no copy)."""
+    views of the new trajectory (what a window keeps to resume with)."""
     trajectory.params.update((k, (t - t.detach()).add_(source[k].detach()))
                              for k, t in trajectory.params.items())
     return {k: t.detach() for k, t in trajectory.params.items()}

@@ -207,21 +207,28 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
         if rng is not None:  # before the step: its hyperparameters
             self._record_windows(level, micro_batches, rng=rng)
         if finite if not self._parallel else distributed.all_ranks(finite):
-            self._apply(level, precision)
+            applied = self._apply(level, precision)
         else:
             self.skipped[name] += 1
             _clear_grads(level)
+            applied = False
+        if not applied and rng is not None:  # not taken: not part of the unrolls either
+            self._drop_from_windows(name)
         return self._record(level, losses)
 
-    def _apply(self, level: Level, precision: Precision) -> None:
+    def _apply(self, level: Level, precision: Precision) -> bool:
+        """Step the level's optimizer on its `.grad`; return whether the step was applied (not
+        where fp16 gradients overflowed: the loss scaler skips it)."""
         if self._parallel and level.name not in self._reducers:
             distributed.average_grads(level.named_parameters().values())
         precision.unscale(level.optimizer)
         if level.options.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(list(level.named_parameters().values()),
                                            level.options.clip_grad)
-        if precision.step(level.optimizer) and level.options.scheduler is not None:
+        applied = precision.step(level.optimizer)
+        if applied and level.options.scheduler is not None:
             level.options.scheduler.step()
+        return applied
 
     def _record(self, level: Level, losses: list) -> float:
         """Count the step, close the windows it ends and log it; return its (mean) loss."""
@@ -241,6 +248,11 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
                 offload, every = self._keep.get(upper, (None, 1))
                 keep = None if offload is None else "cpu" if offload else level_device(level)
                 window.record(level, micro_batches, rule, rng, keep, every)
+
+    def _drop_from_windows(self, name: str) -> None:
+        for (_, lower), window in self._windows.items():
+            if lower == name:
+                window.drop_last()
 
     def _close_windows(self, name: str) -> None:
         """Start new windows of the levels `name` reads: count their steps from here."""

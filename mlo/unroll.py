@@ -28,7 +28,7 @@ class Window:
     batches: list = field(default_factory=list)
     optimizers: list = field(default_factory=list)
     rng: list = field(default_factory=list)
-    values: list = field(default_factory=list)  # live windows: the parameters after each step
+    values: list = field(default_factory=list)  # live windows: θ after each step (None: replayed exactly)
     points: list = field(default_factory=list)  # itd(recompute=True): (θ_t, state_t), t ≥ 1
     live: Any = None  # a `live.Trajectory` while the real steps record this window's graph
 
@@ -57,6 +57,14 @@ class Window:
         self.rng.append(rng)
         self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(
             level.optimizer, level.named_parameters(), level.options.clip_grad, level.name))
+
+    def drop_last(self) -> None:
+        """Forget the step recorded last: it was skipped (a non-finite loss or gradient), so the
+        window's trajectory, like the module, goes on from where it was before it."""
+        if self.points and len(self.points) == len(self.batches) - 1:
+            self.points.pop()
+        for records in (self.batches, self.rng, self.optimizers):
+            records.pop()
 
 
 def _point(level, device) -> tuple[dict, dict]:

@@ -129,16 +129,18 @@ def test_two_upper_levels_share_a_live_trajectory_that_reads_both():
     assert not torch.allclose(rate, torch.tensor(ALPHA, dtype=D), atol=1e-6)
 
 
-def _reweighting_program(live: bool, clip=None, method="itd"):
-    """A bilevel program with dropout, BatchNorm, Adam (weight decay), a scheduler and ITD over an
-    unroll of 3: the lower level's real steps record the window (live) or it is replayed."""
+def _reweighting_program(live: bool, clip=None, method="itd", plain_sgd=False):
+    """A bilevel program with dropout, BatchNorm, Adam (weight decay; plain SGD with
+    `plain_sgd`), a scheduler and ITD over an unroll of 3: the lower level's real steps record the
+    window (live) or it is replayed."""
     mlo.registry.clear()
     torch.manual_seed(0)
     x, y = torch.randn(24, 4, dtype=D), torch.randn(24, 1, dtype=D)
     net_ = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3),
                          nn.Linear(6, 1)).to(D)
     scale = nn.Parameter(torch.zeros(4, dtype=D))
-    optimizer = torch.optim.Adam(net_.parameters(), lr=0.05, weight_decay=0.01)
+    optimizer = torch.optim.SGD(net_.parameters(), lr=0.05) if plain_sgd else \
+        torch.optim.Adam(net_.parameters(), lr=0.05, weight_decay=0.01)
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
 
     @mlo.level(module=net_, optimizer=optimizer, data=train, unroll=3, clip_grad=clip,
@@ -196,16 +198,21 @@ def test_live_trajectory_holds_the_modules_values_exactly():
         assert torch.equal(trajectory.params[key], p) and trajectory.params[key].requires_grad
 
 
-def test_resume_inside_a_live_window_continues_bit_for_bit(tmp_path):
-    program, net_, scale, _ = _reweighting_program(True)
+@pytest.mark.parametrize("plain_sgd", [False, True], ids=["adam", "plain-sgd"])
+def test_resume_inside_a_live_window_continues_bit_for_bit(tmp_path, plain_sgd):
+    """Adam: the window keeps the values each step had, and the replay at resume is moved onto
+    them; plain SGD: the replay takes those very values, so the window keeps none."""
+    program, net_, scale, _ = _reweighting_program(True, plain_sgd=plain_sgd)
     torch.manual_seed(3)
     for _ in range(5):  # one step into the second window
         program.step()
+    values = program._windows[("weigh", "fit")].values
+    assert len(values) == 2 and all((v is None) == plain_sgd for v in values)
     program.save(tmp_path / "live.pt")
     for _ in range(4):
         program.step()
     expected = [p.detach().clone() for p in (*net_.parameters(), scale)]
-    fresh, net_again, scale_again, _ = _reweighting_program(True)
+    fresh, net_again, scale_again, _ = _reweighting_program(True, plain_sgd=plain_sgd)
     fresh.load_state_dict(mlo.checkpoint.load(tmp_path / "live.pt"))
     for _ in range(4):
         fresh.step()
@@ -274,3 +281,83 @@ def test_a_parameter_the_cost_does_not_reach_is_not_updated(live):
         results.append(lam.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-12, rtol=0)
     assert results[0].abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("plain_sgd", [False, True], ids=["adam", "plain-sgd"])
+def test_resume_after_a_skipped_step_inside_a_live_window(tmp_path, plain_sgd):
+    """A step skipped for a non-finite loss keeps its place in the window's records, so a
+    resumed window is rebuilt step by step as the real steps went."""
+    def build():
+        mlo.registry.clear()
+        torch.manual_seed(0)
+        w, lam = nn.Parameter(torch.randn(5, dtype=D)), nn.Parameter(torch.zeros(5, dtype=D))
+        optimizer = torch.optim.SGD([w], lr=0.1) if plain_sgd else torch.optim.Adam([w], lr=0.1)
+        poison = []
+
+        @mlo.level(module=w, optimizer=optimizer, unroll=4)
+        def inner(module, outer):
+            loss = ((module() - outer().exp()) ** 2).sum()
+            return loss * float("nan") if poison else loss
+
+        @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="itd")
+        def outer(inner):
+            return (inner() ** 2).sum()
+
+        program = mlo.Program(inner, outer, on_nonfinite="skip")
+        assert program._live == {"inner": ("outer",)}
+        return program, poison, (w, lam)
+
+    def steps(program, poison, start, stop):
+        for step in range(start, stop):
+            poison[:] = [True] if step == 5 else []  # the second step of the second window
+            program.step()
+
+    whole, poison, expected = build()
+    steps(whole, poison, 0, 10)
+    first, poison, _ = build()
+    steps(first, poison, 0, 7)
+    assert first.skipped["inner"] == 1
+    first.save(tmp_path / "skip.pt")
+    resumed, poison, params = build()
+    resumed.load_state_dict(mlo.checkpoint.load(tmp_path / "skip.pt"))
+    steps(resumed, poison, 7, 10)
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)
+
+
+def test_a_skipped_step_is_not_replayed():
+    """A replayed window (here: gradient accumulation) forgets a step skipped for a non-finite
+    loss, so the hypergradient is that of the steps actually taken: the same as a program whose
+    data never had that step."""
+    def build(batches, unroll, poison_at=None):
+        mlo.registry.clear()
+        torch.manual_seed(0)
+        w, lam = nn.Parameter(torch.randn(5, dtype=D)), nn.Parameter(torch.zeros(5, dtype=D))
+        calls = []
+
+        @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), data=batches,
+                   unroll=unroll, grad_accum=2)
+        def inner(batch, module, outer):
+            calls.append(1)
+            loss = ((module() * batch - outer().exp()) ** 2).sum()
+            return loss * float("nan") if len(calls) == poison_at else loss
+
+        @mlo.level(module=lam, optimizer=torch.optim.SGD([lam], lr=0.1), hypergrad="itd")
+        def outer(inner):
+            return (inner() ** 2).sum()
+
+        program = mlo.Program(inner, outer, on_nonfinite="skip")
+        assert not program._live  # replayed: gradient accumulation
+        return program, lam
+
+    torch.manual_seed(1)
+    data = [torch.rand(5, dtype=D) + 0.5 for _ in range(6)]
+    poisoned, lam = build(data, unroll=3, poison_at=3)  # the second step's first micro-batch
+    for _ in range(3):
+        poisoned.step()
+    assert poisoned.skipped["inner"] == 1 and poisoned.steps["outer"] == 1
+    clean, lam_clean = build(data[:2] + data[4:], unroll=2)
+    for _ in range(2):
+        clean.step()
+    assert clean.steps["outer"] == 1
+    assert torch.allclose(lam, lam_clean, atol=1e-14, rtol=0) and lam.abs().max() > 1e-6
