@@ -8,6 +8,7 @@ Nesterov, weight decay, maximize), Adam and AdamW (without amsgrad).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,9 @@ from .errors import OptimizerError
 
 Params = dict[str, torch.Tensor]
 SUPPORTED = ("SGD", "Adam", "AdamW")
+# optimizer -> (what its snapshot was taken of, the snapshot): one per step is read on every
+# recorded step of a level, and its hyperparameters rarely change between steps
+_SNAPSHOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,17 @@ class FunctionalOptimizer:
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, named_params: Params,
                        clip_grad: float | None = None, level: str = "?") -> "FunctionalOptimizer":
-        """Snapshot `optimizer`'s hyperparameters for each of `named_params`."""
+        """Snapshot `optimizer`'s hyperparameters for each of `named_params`.
+
+        The snapshot is immutable, so the previous one is returned while the param groups hold
+        the same parameters and equal hyperparameters (a scheduler's new learning rate makes a
+        new one); hyperparameters that are tensors (a learned learning rate) are copied anew
+        every time.
+        """
+        key = _snapshot_key(optimizer, named_params, clip_grad)
+        cached = _SNAPSHOTS.get(optimizer) if key is not None else None
+        if cached is not None and cached[0] == key:
+            return cached[1]
         kind = type(optimizer).__name__
         if kind not in SUPPORTED:
             raise OptimizerError(
@@ -46,7 +60,10 @@ class FunctionalOptimizer:
             values = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                       for k, v in group.items() if k != "params"}
             by_id.update((id(p), values) for p in group["params"])
-        return cls(kind, {name: by_id[id(p)] for name, p in named_params.items()}, clip_grad)
+        rule = cls(kind, {name: by_id[id(p)] for name, p in named_params.items()}, clip_grad)
+        if key is not None:
+            _SNAPSHOTS[optimizer] = (key, rule)
+        return rule
 
     def replace(self, values: dict[tuple[str, str], torch.Tensor]) -> "FunctionalOptimizer":
         """Return this update rule with hyperparameters replaced, keyed (parameter, name).
@@ -101,6 +118,18 @@ class FunctionalOptimizer:
             correction = 1 - hyper["betas"][1] ** float(entry["step"])
             out[name] = t / ((entry["exp_avg_sq"] / correction).sqrt() + hyper["eps"])
         return out
+
+
+def _snapshot_key(optimizer, named_params: Params, clip_grad) -> tuple | None:
+    """What a snapshot of `optimizer` depends on, or None where a hyperparameter is a tensor."""
+    groups = []
+    for group in optimizer.param_groups:
+        values = tuple((k, v) for k, v in group.items() if k != "params")
+        if any(isinstance(v, torch.Tensor) for _, v in values):
+            return None
+        groups.append((values, tuple(map(id, group["params"]))))
+    return type(optimizer), tuple(map(id, named_params.values())), tuple(named_params), \
+        clip_grad, tuple(groups)
 
 
 def _sgd(p, g, state, hyper, kind):
