@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from . import rebind
+from . import rebind, sharding
 
 
 class Handle:
@@ -216,6 +216,10 @@ def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
     tensors = {prefix + k: t for k, t in params.items()}
     if not real:
         tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
+    twin = sharding.twin(inner)
+    if twin is not None:  # FSDP2's hooks would run the sharded module on its own parameters
+        tensors.update({prefix + k: t for k, t in sharding.frozen(inner).items()})
+        module = _Member(twin, module.name, module.call) if isinstance(module, _Member) else twin
     if isinstance(module, _Member):
         return functional_call(module, tensors, args, kwargs, strict=False)
     return rebind.call(module, tensors, args, kwargs)
