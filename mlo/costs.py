@@ -98,7 +98,9 @@ class Costs:
         if reducer is not None:
             grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
-        params = gathered = None  # gathered parameters are gathered again by the hypergradient
+        # free the gathered parameters of sharded levels (the graph's leaves hold them too)
+        # before the hypergradient gathers them again
+        params = gathered = inputs = loss = scaled = None
         overflow = precision.scaler is not None and not all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
         if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient
