@@ -135,7 +135,7 @@ class Handle:
         if isinstance(value, nn.Module):
             return Handle(self._level, self._share(value), value, self._real)
         if self._params is None and isinstance(value, torch.Tensor) \
-                and sharding.twin(self._module) is not None:
+                and sharding.twin(self._module) is not None and hasattr(value, "device_mesh"):
             raise _shards(self._level.name, "a parameter of the module")
         if self._params is not None and isinstance(value, torch.Tensor):
             for key, p in self._module._parameters.items():
