@@ -31,19 +31,19 @@ def shard(full, rank):
     return [(x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]) for x, y in full]
 
 
-def run_program(method, train, val):
+def run_program(method, train, val, sharded=True, unroll=1, adam=False):
     """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
     per-feature scales from validation data."""
     mlo.registry.clear()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama" \
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama" or adam \
         else torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
 
     # aid_cg accumulates 2 micro-batches per step, aid_neumann clips the (sharded) gradient
-    @mlo.level(module=net, optimizer=optimizer, data=train, shard=True, name="inner",
-               grad_accum=2 if method == "aid_cg" else 1,
+    @mlo.level(module=net, optimizer=optimizer, data=train, shard=sharded, name="inner",
+               unroll=unroll, grad_accum=2 if method == "aid_cg" else 1,
                clip_grad=0.05 if method == "aid_neumann" else None)
     def inner(batch, module, outer):
         x, y = batch
@@ -56,7 +56,7 @@ def run_program(method, train, val):
         return ((inner(x) - y) ** 2).mean()
 
     program = mlo.Program(inner, outer)
-    for _ in range(STEPS):
+    for _ in range(STEPS * unroll):
         program.step()
     kinds = {type(p).__name__ for p in net.parameters()}
     kinds |= {type(s).__name__ for state in optimizer.state.values() for s in state.values()
@@ -72,8 +72,14 @@ def _full(p):
 
 
 def sharded_runs(rank):
-    train, val = batches(1, 2 * BATCH), batches(2, 2 * BATCH)
-    return {method: run_program(method, shard(train, rank), shard(val, rank)) for method in METHODS}
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    runs = {method: run_program(method, train, val) for method in METHODS}
+    # unrolls of 2 Adam steps, replayed (and recomputed): each rank differentiates its own
+    # batches, so the reference is the unsharded program on the same 2 ranks
+    for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
+        for sharded in (True, False):
+            runs[name, sharded] = run_program(method, train, val, sharded, unroll=2, adam=True)
+    return runs
 
 
 def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_method(tmp_path):
@@ -87,6 +93,10 @@ def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_
         assert torch.allclose(ranks[0]["params"], single["params"], atol=1e-6, rtol=0), method
         assert torch.allclose(ranks[0]["outputs"], single["outputs"], atol=1e-6, rtol=0), method
         assert not torch.allclose(single["params"][-5:], torch.zeros(5, dtype=torch.float64))
+    for name in ("itd2", "recompute2"):
+        sharded, unsharded = results[0][name, True], results[0][name, False]
+        assert sharded["kinds"] == ["DTensor"] and unsharded["kinds"] == ["Parameter", "Tensor"]
+        assert torch.allclose(sharded["params"], unsharded["params"], atol=1e-6, rtol=0), name
 
 
 def given_values(rank):
