@@ -95,19 +95,18 @@ def shard(level) -> None:
             state[new[name]] = {k: _local_of(v, new[name]) for k, v in state.pop(p).items()}
     for (_, sharded), (_, copied) in zip(module.named_modules(remove_duplicate=False),
                                          twin.named_modules(remove_duplicate=False)):
+        copied._buffers.update(sharded._buffers)  # as FSDP2 placed them; statistics advance once
         _TWINS[sharded] = copied
 
 
 def _twin(module: nn.Module) -> nn.Module:
-    """A copy of `module` with empty (meta) parameters and the module's own buffers."""
+    """A copy of `module` with empty (meta) parameters (`shard` gives it the module's buffers)."""
     twin = copy.deepcopy(module)
-    for (_, original), (_, copied) in zip(module.named_modules(remove_duplicate=False),
-                                          twin.named_modules(remove_duplicate=False)):
+    for copied in twin.modules():
         for key, p in copied._parameters.items():
             if p is not None:
                 copied._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                        requires_grad=p.requires_grad)
-        copied._buffers.update(original._buffers)  # running statistics advance in one place
     return twin
 
 

@@ -31,12 +31,13 @@ def shard(full, rank):
     return [(x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]) for x, y in full]
 
 
-def run_program(method, train, val, sharded=True, unroll=1, adam=False):
+def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False):
     """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
     per-feature scales from validation data."""
     mlo.registry.clear()
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4) if norm else nn.Identity(), nn.Tanh(),
+                        nn.Linear(4, 1)).double()
     scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama" or adam \
         else torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
@@ -64,7 +65,8 @@ def run_program(method, train, val, sharded=True, unroll=1, adam=False):
     with torch.no_grad():  # the sharded net through its own hooks, on fresh inputs
         outputs = net(torch.ones(3, 5, dtype=torch.float64)).ravel()
     params = torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()])
-    return {"params": params, "outputs": outputs, "kinds": sorted(kinds)}
+    return {"params": params, "outputs": outputs, "kinds": sorted(kinds),
+            "buffers": [b.clone() for b in net.buffers()]}
 
 
 def _full(p):
@@ -79,6 +81,8 @@ def sharded_runs(rank):
     for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
         for sharded in (True, False):
             runs[name, sharded] = run_program(method, train, val, sharded, unroll=2, adam=True)
+    for sharded in (True, False):  # running statistics: each rank its own, as without sharding
+        runs["norm", sharded] = run_program("aid_fd", train, val, sharded, norm=True)
     return runs
 
 
@@ -93,10 +97,15 @@ def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_
         assert torch.allclose(ranks[0]["params"], single["params"], atol=1e-6, rtol=0), method
         assert torch.allclose(ranks[0]["outputs"], single["outputs"], atol=1e-6, rtol=0), method
         assert not torch.allclose(single["params"][-5:], torch.zeros(5, dtype=torch.float64))
-    for name in ("itd2", "recompute2"):
+    for name in ("itd2", "recompute2", "norm"):
         sharded, unsharded = results[0][name, True], results[0][name, False]
         assert sharded["kinds"] == ["DTensor"] and unsharded["kinds"] == ["Parameter", "Tensor"]
         assert torch.allclose(sharded["params"], unsharded["params"], atol=1e-6, rtol=0), name
+        for ours, theirs in zip(sharded["buffers"], unsharded["buffers"]):
+            assert torch.allclose(ours.double(), theirs.double(), atol=1e-6, rtol=0), name
+    # advanced by the inner steps, the outer steps (the twin, on the module's own buffers) and
+    # the evaluation of `outputs`; not by the hypergradient passes
+    assert int(results[0]["norm", True]["buffers"][2]) == 2 * STEPS + 1
 
 
 def given_values(rank):
