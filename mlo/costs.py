@@ -81,7 +81,12 @@ class Costs:
         # a sharded level read here runs on its gathered parameters: the gradient to them is v
         gathered = {low: sharding.gathered(self.levels[low]) for low in reads if low in self._sharded}
         params = {low: gathered.get(low) or self.levels[low].named_parameters() for low in reads}
-        loss, metrics = self._cost(level, batch, gathered, real=bool(gathered))
+        if gathered:  # the sharded module itself would give no gradient to `gathered`
+            with sharding.calls(self.levels[low] for low in gathered) as called:
+                loss, metrics = self._cost(level, batch, gathered, real=True)
+            sharding.refuse(called, self.global_step, level)
+        else:
+            loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
         finite = self._finite(level, value, "loss")
         if self._parallel:  # agree before the hypergradient's collectives, which all must join

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .errors import CheckpointError
+from .errors import CheckpointError, HandleError
 
 _TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 SHARD = "mlo/shard"  # a checkpoint entry holding one rank's shard of a DTensor
@@ -168,6 +168,19 @@ def calls(levels):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def refuse(called: set, step: int, level) -> None:
+    """Raise a `HandleError` if `level`'s cost called a sharded level's module itself (`calls`),
+    where it reads that level through its handle, on gathered parameters: the sharded module
+    runs on its own parameters, so the gradient to the gathered ones, and the hypergradient
+    through that level, would be zero (with unsharded levels the two calls are the same)."""
+    for name in sorted(called):
+        raise HandleError(
+            f"Program.step (step {step}): level '{level.name}' calls the network of sharded level "
+            f"'{name}' directly instead of through the handle '{name}': the hypergradient of "
+            f"'{level.name}' through '{name}' would be exactly zero.\n  {level.location}\n  Use "
+            f"the handle in the cost: {name}(x).")
 
 
 def saved(tree):

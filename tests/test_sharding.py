@@ -205,13 +205,15 @@ def misuse(rank, case):
         x, y = batch
         if case == "around":  # calls the network object, not its handle
             return ((net(x * outer().exp()) - y) ** 2).mean()
-        penalty = module[0].weight.pow(2).sum()  # a parameter outside a call of the module
+        penalty = module[0].weight.pow(2).sum() if case == "weight_decay" else 0.0
         return ((module(x * outer().exp()) - y) ** 2).mean() + penalty
 
     @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
                hypergrad="aid_fd")
     def outer(batch, inner):
         x, y = batch
+        if case == "upper_around":  # harmless without sharding: the same live parameters
+            return ((net(x) - y) ** 2).mean()
         return ((inner(x) - y) ** 2).mean()
 
     program = mlo.Program(inner, outer)
@@ -228,6 +230,10 @@ def misuse(rank, case):
                                          r"\d of 2 \(HandleError: level 'inner' is sharded "
                                          r"\(shard=True\): in its real steps its parameters are "
                                          r"this rank's shards outside a call of its module"),
+    ("upper_around", "DistributedError", r"Program.step \(step 0\): level 'outer' failed on rank "
+                                         r"\d of 2 \(HandleError: Program.step \(step 0\): level "
+                                         r"'outer' calls the network of sharded level 'inner' "
+                                         r"directly instead of through the handle 'inner'"),
     ("sharded_before", "LevelError", r"@level 'inner': the module is already sharded by "
                                      r"fully_shard; pass the unsharded module"),
 ])
