@@ -199,8 +199,11 @@ class LiveBytes(TorchDispatchMode):
             return out
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
+                try:
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                except RuntimeError:  # a wrapper subclass (DTensor, a collective's result) has
+                    continue  # no storage of its own: the plain tensor inside it is counted
                 if key and key not in self._seen:
                     self._seen.add(key)
                     self.live += storage.nbytes()

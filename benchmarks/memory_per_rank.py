@@ -1,5 +1,6 @@
 """Peak memory per rank and step time of a reweighting program with a large lower level: one
-process against two data-parallel ranks, with and without activation checkpointing (CPU, gloo).
+process against two data-parallel ranks, with and without activation checkpointing, and two ranks
+with the lower level sharded (`shard=True`, FSDP2) (CPU, gloo).
 
     python -m benchmarks.memory_per_rank --width 1024 --depth 19 --batch 512 --steps 3
 
@@ -16,7 +17,12 @@ outer steps (ranks meet at a barrier before each), then one more outer step meas
 the peak bytes of tensor storages created during it and alive together (`harness.LiveBytes`, exact;
 parameters, data and anything alive before the step are not counted) and the peak resident set size
 above the one at its start (`harness.PeakMemory`; it also counts allocator caches and, under two
-ranks, gloo's buffers). Linux only.
+ranks, gloo's buffers). "Held at step start" is the bytes of both levels' parameters, gradients
+and optimizer state on the rank when that step starts (for a sharded level its shards), so held +
+peak tensor memory is the rank's peak of those tensors. FSDP2 gathers a unit's parameters into
+storage it resizes in place, which the tensor count does not see (one or two of the 20 layers at
+a time, 4 MiB each here); the RSS columns do. `--checkpointing no` leaves out the activation
+checkpointing rows, `--no-shard` the sharded ones.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ LABELS = {"aid_fd": "aid_fd", "aid_cg": "aid_cg (3 iterations)", "itd": "itd (un
 OUT = os.path.join(os.path.dirname(__file__), "results", "memory_per_rank.md")
 
 
-def build(method: str, recompute: bool, batch: int, seed: int, args) -> mlo.Program:
+def build(method: str, recompute: bool, batch: int, seed: int, args,
+          sharded: bool = False) -> mlo.Program:
     """The program one rank runs, with its own `batch` examples per level and step."""
     mlo.registry.clear()
     torch.manual_seed(0)  # equal initial parameters on every rank (rank 0's are broadcast too)
@@ -63,7 +70,8 @@ def build(method: str, recompute: bool, batch: int, seed: int, args) -> mlo.Prog
                 for _ in range(2)]
 
     @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.01), data=batches(),
-               unroll=2 if method == "itd" else 1, activation_checkpointing=recompute)
+               unroll=2 if method == "itd" else 1, activation_checkpointing=recompute,
+               shard=sharded)
     def classifier(batch, module, weighting):
         x, y = batch
         loss = F.cross_entropy(module(x), y, reduction="none")
@@ -78,10 +86,10 @@ def build(method: str, recompute: bool, batch: int, seed: int, args) -> mlo.Prog
     return mlo.Program(classifier, weighting)
 
 
-def measure(method: str, recompute: bool, ranks: int, args) -> dict:
+def measure(method: str, recompute: bool, ranks: int, args, sharded: bool = False) -> dict:
     """Warm up, time `args.steps` outer steps, then measure memory on one more (this rank)."""
     seed = 1 + mlo.distributed.rank()  # each rank its own random half of the global batch
-    program = build(method, recompute, args.batch // ranks, seed, args)
+    program = build(method, recompute, args.batch // ranks, seed, args, sharded)
     unroll = program.levels["classifier"].options.unroll
 
     def outer_step():
@@ -96,34 +104,57 @@ def measure(method: str, recompute: bool, ranks: int, args) -> dict:
         start = time.perf_counter()
         outer_step()
         times.append(time.perf_counter() - start)
+    held = held_bytes(program)
     rss = PeakMemory("cpu")
     rss.start()
     base = rss.base
     with LiveBytes() as tensors:
         outer_step()
     return {"tensor_mb": tensors.peak / 2 ** 20, "rss_mb": rss.stop(), "base_mb": base / 2 ** 20,
-            "step_s": statistics.median(times),
-            "parameters": sum(p.numel() for p in program.levels["classifier"].module.parameters())}
+            "step_s": statistics.median(times), "held_mb": held / 2 ** 20,
+            "parameters": sum(_local(p).numel()
+                              for p in program.levels["classifier"].module.parameters())}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def held_bytes(program: mlo.Program) -> int:
+    """Bytes of the levels' parameters, gradients and optimizer state held on this rank."""
+    tensors = []
+    for level in program.levels.values():
+        for p in level.module.parameters():
+            tensors += [p] + ([p.grad] if p.grad is not None else [])
+        tensors += [v for state in level.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor)]
+    storages = {}
+    for t in tensors:
+        storage = _local(t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def rank_main(rank: int, folder: str, case: tuple, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=600))
-    result = measure(*case, ranks=2, args=args)
+    method, recompute, sharded = case
+    result = measure(method, recompute, ranks=2, args=args, sharded=sharded)
     dist.destroy_process_group()
     with open(os.path.join(folder, f"{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
-def run_case(method: str, recompute: bool, ranks: int, args) -> list[dict]:
+def run_case(method: str, recompute: bool, ranks: int, args, sharded: bool = False) -> list[dict]:
     """Measure one configuration in this (fresh) process, forking two ranks for `ranks=2`."""
     if ranks == 1:
         torch.set_num_threads(1)
         return [measure(method, recompute, 1, args)]
     folder = tempfile.mkdtemp()
     context = mp.get_context("fork")
-    processes = [context.Process(target=rank_main, args=(r, folder, (method, recompute), args))
+    processes = [context.Process(target=rank_main, args=(r, folder, (method, recompute, sharded),
+                                                         args))
                  for r in range(2)]
     for p in processes:
         p.start()
@@ -143,16 +174,23 @@ def cell(results: list[dict], key: str, fmt: str) -> str:
     return " / ".join(format(r[key], fmt) for r in results)
 
 
-def row(method: str, recompute: bool, ranks: int, results: list[dict], batch: int) -> str:
-    return (f"| {LABELS[method]} | {ranks} | {batch // ranks} | {'yes' if recompute else 'no'} | "
-            f"{results[0]['parameters']:,} | {cell(results, 'tensor_mb', '.0f')} | "
+def row(method: str, recompute: bool, ranks: int, results: list[dict], batch: int,
+        sharded: bool = False) -> str:
+    for r in results:
+        r["total_mb"] = r["held_mb"] + r["tensor_mb"]
+    parallel = "FSDP2 (shard=True)" if sharded else "DDP-style" if ranks > 1 else "-"
+    return (f"| {LABELS[method]} | {ranks} | {parallel} | {batch // ranks} | "
+            f"{'yes' if recompute else 'no'} | {cell(results, 'parameters', ',')} | "
+            f"{cell(results, 'held_mb', '.0f')} | {cell(results, 'tensor_mb', '.0f')} | "
+            f"{cell(results, 'total_mb', '.0f')} | "
             f"{cell(results, 'rss_mb', '.0f')} | {cell(results, 'base_mb', '.0f')} | "
             f"{cell(results, 'step_s', '.2f')} |")
 
 
-HEADER = ("| method | ranks | batch per rank | activation checkpointing | parameters per rank "
-          "| peak tensor memory (MiB) | peak RSS growth (MiB) | RSS at step start (MiB) "
-          "| median outer step (s) |\n|---|---:|---:|---|---:|---:|---:|---:|---:|")
+HEADER = ("| method | ranks | parallelism | batch per rank | activation checkpointing "
+          "| parameters per rank | held at step start (MiB) | peak tensor memory (MiB) "
+          "| held + peak (MiB) | peak RSS growth (MiB) | RSS at step start (MiB) "
+          "| median outer step (s) |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main() -> None:
@@ -164,22 +202,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed outer steps")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default=OUT, help="markdown file to write ('-': none)")
+    parser.add_argument("--checkpointing", choices=["both", "no"], default="both",
+                        help="activation checkpointing rows: with and without, or without only")
+    parser.add_argument("--no-shard", action="store_true", help="leave out the sharded rows")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        method, recompute, ranks = args.case.split(":")
-        print(json.dumps(run_case(method, recompute == "1", int(ranks), args)))
+        method, recompute, ranks, sharded = args.case.split(":")
+        print(json.dumps(run_case(method, recompute == "1", int(ranks), args, sharded == "1")))
         return
     torch.set_num_threads(1)
     info = machine()
     started = time.perf_counter()
     lines = [HEADER]
     print(HEADER, flush=True)
+    configurations = [(1, False), (2, False)] + ([] if args.no_shard else [(2, True)])
     for method in args.methods:
-        for ranks in (1, 2):
-            for recompute in (False, True):
+        for ranks, sharded in configurations:
+            for recompute in (False, True) if args.checkpointing == "both" and not sharded \
+                    else (False,):
                 command = [sys.executable, "-m", "benchmarks.memory_per_rank", "--case",
-                           f"{method}:{int(recompute)}:{ranks}", "--width", str(args.width),
+                           f"{method}:{int(recompute)}:{ranks}:{int(sharded)}",
+                           "--width", str(args.width),
                            "--depth", str(args.depth), "--batch", str(args.batch),
                            "--steps", str(args.steps)]
                 out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
@@ -187,7 +231,7 @@ def main() -> None:
                 if out.returncode:
                     sys.exit(f"{' '.join(command)} failed:\n{out.stderr}")
                 lines.append(row(method, recompute, ranks, json.loads(out.stdout.splitlines()[-1]),
-                                 args.batch))
+                                 args.batch, sharded))
                 print(lines[-1], flush=True)
     minutes = (time.perf_counter() - started) / 60
     print(f"\n{minutes:.1f} minutes")
@@ -200,9 +244,13 @@ def write(args, info: dict, lines: list[str], minutes: float) -> None:
                f"--batch {args.batch} --steps {args.steps}")
     if args.methods != list(METHODS):
         command += " --methods " + " ".join(args.methods)
+    if args.checkpointing != "both":
+        command += f" --checkpointing {args.checkpointing}"
+    if args.no_shard:
+        command += " --no-shard"
     keys = ("cpu", "cores", "torch threads", "python", "torch", "memory", "load average at start")
     text = [
-        "# Peak memory per rank: data parallelism and activation checkpointing (CPU, gloo)", "",
+        "# Peak memory per rank: data parallelism, sharding (FSDP2) and activation checkpointing (CPU, gloo)", "",
         f"    {command}", "",
         "Machine: " + ", ".join(f"{k} {info[k]}" for k in keys if k in info) + ".", "",
         (f"Lower level: MLP 784 -> {args.width} x {args.depth} -> 10, ReLU, plain SGD. Upper "

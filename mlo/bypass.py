@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sharding
 from .errors import HandleError
 
 
@@ -31,11 +32,15 @@ def check_handles(program, upper: str) -> None:
             continue  # not stepped in this process yet (a resumed run): no batch to check on
         involved = (name, *sources)
         live = {n: program.levels[n].named_parameters() for n in involved}
-        passed = {n: {k: p.detach().requires_grad_() for k, p in live[n].items()} for n in involved}
+        passed = {n: {k: sharding.full(p).detach().requires_grad_() for k, p in live[n].items()}
+                  for n in involved}
         # the check must not shift the random stream (dropout) that the run goes on to draw from
         devices = sorted({p.device.index or 0 for group in live.values() for p in group.values()
                           if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        # a sharded module never enters the graph of its live (sharded) parameters: a call of it
+        # in this functional pass is what reads it around its handle
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                sharding.calls(program.levels[n] for n in involved) as called:
             loss, _ = program._cost(level, program._last_batch.get(name), passed, frozen=True)
             inputs = [t for n in involved for group in (passed[n], live[n]) for t in group.values()]
             grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad \
@@ -43,7 +48,7 @@ def check_handles(program, upper: str) -> None:
         reached = iter(g is not None for g in grads)
         for n in involved:
             via_handle = any([next(reached) for _ in passed[n]])
-            around = any([next(reached) for _ in live[n]])
+            around = any([next(reached) for _ in live[n]]) or n in called
             if around and not via_handle:
                 raise HandleError(_message(program, upper, level, n))
 

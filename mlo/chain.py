@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from . import distributed, sharding
 from .level import Level
 from .optim import SUPPORTED, FunctionalOptimizer
 from .unroll import level_device, replaying
@@ -69,6 +69,10 @@ class ChainRule:
                 optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
                 context.update(optimizer=optimizer,
                                state=optimizer.state(level.optimizer, live, copy=False))
+        if self._sharded.intersection((name, *inputs)):  # the pass runs on full parameters
+            inner, outer = sharding.full(inner), sharding.full(outer)
+            context.update((k, sharding.full(context[k])) for k in ("state", "trajectory")
+                           if k in context)
         out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 

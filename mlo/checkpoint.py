@@ -1,5 +1,8 @@
 """Checkpoints of a whole `Program`: everything needed for a resumed run to continue exactly.
 
+A sharded level (`shard=True`) is saved as this rank's shards (`mlo.sharding.saved`) and
+resumes on as many ranks.
+
 Files are written atomically (a temporary file in the same folder, flushed and fsynced, then
 `os.replace`d onto the target and the folder fsynced): a crash or a kill at any moment leaves
 either the old checkpoint or the new one, never a partial file.
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, sharding
 from .errors import CheckpointError, quoted
 from .history import History
 from .optim import FunctionalOptimizer
@@ -39,12 +42,15 @@ def program_state(program) -> dict:
             "data": program._streams[name].state_dict() if name in program._streams else None,
             "last_batch": program._last_batch.get(name),
         }
+        if name in program._sharded:  # each rank its own shards
+            levels[name] = sharding.saved(levels[name])
     return {
         "format": FORMAT, "world_size": distributed.world_size(),
         "global_step": program.global_step, "steps": dict(program.steps),
         "skipped": dict(program.skipped), "seen": program._seen, "levels": levels,
-        "history": program.history.state_dict(), "windows": {f"{u}/{low}": _window_state(w)
-                                                 for (u, low), w in program._windows.items()},
+        "history": program.history.state_dict(),
+        "windows": {f"{u}/{low}": sharding.saved(_window_state(w)) if low in program._sharded
+                    else _window_state(w) for (u, low), w in program._windows.items()},
         "rng": _rng_state(),
     }
 
@@ -70,14 +76,17 @@ def load_program_state(program, state: dict) -> None:
                               f"{quoted(saved - ours)}; not in the checkpoint: "
                               f"{quoted(ours - saved)}); build the program from the same levels "
                               f"it was saved from.")
-    for name, entry in state["levels"].items():
+    entries = {name: sharding.loaded(entry, program.levels[name])
+               for name, entry in state["levels"].items()}
+    for name, entry in entries.items():
         _check_level(program.levels[name], entry)
-    for name, entry in state["levels"].items():
+    for name, entry in entries.items():
         _load_level(program, name, entry)
     program.global_step, program.steps = state["global_step"], dict(state["steps"])
     program.skipped, program._seen = dict(state["skipped"]), state["seen"]
     program.history = History.from_state(state["history"])
-    program._windows = {tuple(key.split("/")): _window_from(w) for key, w in state["windows"].items()}
+    program._windows = {tuple(key.split("/")): _window_from(sharding.loaded(
+        w, program.levels[key.split("/")[1]])) for key, w in state["windows"].items()}
     _set_rng_state(state["rng"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from . import distributed, sharding
 from .errors import LossError, NonFiniteError, quoted
 from .handle import Handle
 from .level import Level
@@ -42,6 +42,8 @@ class Costs:
             values = params.get(other)
             if values is None and frozen:
                 values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
+                if other in self._sharded:
+                    values = sharding.full(values)
             kwargs[other] = Handle(self.levels[other], values, real=real)
         with self._precision[level.name].autocast():
             return level.fn(**kwargs)
@@ -81,8 +83,15 @@ class Costs:
         if not edges and reducer is None and precision.scaler is None:
             return self._accumulate_own(level, batch, precision)
         reads = self._reads[level.name]
-        params = {low: self.levels[low].named_parameters() for low in reads}
-        loss, metrics = self._cost(level, batch, {})
+        # a sharded level read here runs on its gathered parameters: the gradient to them is v
+        gathered = {low: sharding.gathered(self.levels[low]) for low in reads if low in self._sharded}
+        params = {low: gathered.get(low) or self.levels[low].named_parameters() for low in reads}
+        if gathered:  # the sharded module itself would give no gradient to `gathered`
+            with sharding.calls(self.levels[low] for low in gathered) as called:
+                loss, metrics = self._cost(level, batch, gathered, real=True)
+            sharding.refuse(called, self.global_step, level)
+        else:
+            loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
         finite = self._finite(level, value, "loss")
         if self._parallel:  # agree before the hypergradient's collectives, which all must join
@@ -99,6 +108,9 @@ class Costs:
         if reducer is not None:
             grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
+        # free the gathered parameters of sharded levels (the graph's leaves hold them too)
+        # before the hypergradient gathers them again
+        params = gathered = inputs = loss = scaled = None
         overflow = precision.scaler is not None and not all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
         if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient
@@ -119,9 +131,16 @@ class Costs:
         hand-written step)."""
         loss, metrics = self._cost(level, batch, {})
         value = float(loss.detach())
-        if not self._finite(level, value, "loss"):
+        finite = self._finite(level, value, "loss")
+        if self._parallel:  # a sharded level: every rank must join FSDP2's backward collectives
+            finite = distributed.all_ranks(finite)
+        if not finite:
             return value, metrics, False
-        if loss.requires_grad:
+        if loss.requires_grad and level.name in self._sharded:  # FSDP2 reduce-scatters it
+            others = [p for other, _ in level.names
+                      for p in self.levels[other].named_parameters().values()]
+            sharding.backward(scaled_loss(level, precision, loss), others)
+        elif loss.requires_grad:
             own = level.named_parameters().values()
             add_to_grads(own, torch.autograd.grad(scaled_loss(level, precision, loss), list(own),
                                                   allow_unused=True))

@@ -25,6 +25,10 @@ sees neither, tensor hooks see both. Hypergradient passes run on detached copies
 parameters, which carry no hooks, and are averaged explicitly. ITD replays each rank's own recorded batches: under data parallelism its
 hypergradient is the mean of the ranks' unrolls, not the unroll of the global batch.
 
+A level declared `shard=True` is sharded with FSDP2 instead (`mlo.sharding`): its parameters
+are broadcast before sharding, and FSDP2 reduce-scatters its gradient, so it has no
+`GradientReducer`.
+
 Faults: a level step that raises on one rank ends the run on every rank (`guard`), promptly and
 with a `DistributedError` naming the failed rank, the level and the step; a rank that dies or
 hangs makes the others fail after the process group's timeout at most

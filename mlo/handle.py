@@ -12,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from . import rebind
+from . import rebind, sharding
+from .errors import HandleError
 
 
 class Handle:
@@ -64,6 +65,8 @@ class Handle:
     def params(self) -> dict[str, torch.Tensor]:
         if self._params is not None:
             return self._params
+        if sharding.twin(self._module) is not None:
+            raise _shards(self._level.name, "module.params")
         if self._module is self._level.module:
             return self._level.named_parameters()
         return {k: p for k, p in self._module.named_parameters() if p.requires_grad}
@@ -131,6 +134,9 @@ class Handle:
         """Return `value`, reached from the module, as it is with the parameters in use."""
         if isinstance(value, nn.Module):
             return Handle(self._level, self._share(value), value, self._real)
+        if self._params is None and isinstance(value, torch.Tensor) \
+                and sharding.twin(self._module) is not None and hasattr(value, "device_mesh"):
+            raise _shards(self._level.name, "a parameter of the module")
         if self._params is not None and isinstance(value, torch.Tensor):
             for key, p in self._module._parameters.items():
                 if p is value:
@@ -157,6 +163,14 @@ class Handle:
         if self._module is self._level.module:
             return f"<handle of level '{self._level.name}'>"
         return f"<handle of a {type(self._module).__name__} in level '{self._level.name}'>"
+
+
+def _shards(level: str, what: str) -> HandleError:
+    return HandleError(f"level '{level}' is sharded (shard=True): in its real steps its parameters "
+                       f"are this rank's shards outside a call of its module, so {what} would "
+                       f"compute with a shard. Reach them through calls of the module (or of a "
+                       f"child of an nn.Sequential or nn.ModuleList in it, sharded on its own), "
+                       f"or remove shard=True.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,6 +230,10 @@ def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
     tensors = {prefix + k: t for k, t in params.items()}
     if not real:
         tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
+    twin = sharding.twin(inner)
+    if twin is not None:  # FSDP2's hooks would run the sharded module on its own parameters
+        tensors.update({prefix + k: t for k, t in sharding.frozen(inner).items()})
+        module = _Member(twin, module.name, module.call) if isinstance(module, _Member) else twin
     if isinstance(module, _Member):
         return functional_call(module, tensors, args, kwargs, strict=False)
     return rebind.call(module, tensors, args, kwargs)

@@ -14,6 +14,7 @@ from .checks import check_data_length, check_trainable
 from .errors import LevelError, OptimizerError, closest, quoted, where
 from .graph import Node
 from .hypergrad import Method, resolve
+from .sharding import is_fsdp
 
 RESERVED = ("batch", "module")
 
@@ -56,6 +57,7 @@ class Options:
     vmap: bool = False
     activation_checkpointing: bool = False
     compile: Any = False
+    shard: bool = False
 
 
 class Level:
@@ -130,7 +132,8 @@ class Level:
 def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16: bool = False,
           bf16: bool = False, scheduler=None, grad_accum: int = 1, clip_grad: float | None = None,
           warmup: int = 0, tasks: int = 1, vmap: bool = False,
-          activation_checkpointing: bool = False, compile=False, name: str | None = None):
+          activation_checkpointing: bool = False, compile=False, shard: bool = False,
+          name: str | None = None):
     """Declare a level of a multilevel program; its signature names the levels it depends on.
 
     The decorated function is the level's cost. Its parameters are `batch` (this level's current
@@ -170,6 +173,16 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     module is built at its first call (compilation takes seconds there). On CPU compiled steps
     were measured slower than eager ones (`python -m benchmarks.compile`); it is meant for GPUs.
 
+    `shard=True` keeps the module's parameters, gradients and optimizer state sharded across the
+    ranks with FSDP2 (`fully_shard`, applied by `Program` under a process group of more than one
+    rank; with one process it changes nothing). Its real steps gather one unit (a child of an
+    `nn.Sequential` / `nn.ModuleList`) at a time; other levels' steps and hypergradients that
+    read it gather its full parameters for the pass (`mlo.sharding`). Pass the unsharded module
+    and its optimizer: mlo moves the optimizer onto the shards. In its own cost, reach its
+    parameters through calls of `module` (outside a forward they are this rank's shards). A
+    sharded level declares no hypergrad, and sets none of fp16, compile and
+    activation_checkpointing.
+
     Example::
 
         @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=loader)
@@ -180,7 +193,8 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     """
     options = Options(unroll=unroll, warmup=warmup, grad_accum=grad_accum, clip_grad=clip_grad,
                       fp16=fp16, bf16=bf16, scheduler=scheduler, tasks=tasks, vmap=vmap,
-                      activation_checkpointing=activation_checkpointing, compile=compile)
+                      activation_checkpointing=activation_checkpointing, compile=compile,
+                      shard=shard)
 
     def decorate(fn: Callable) -> Level:
         if isinstance(fn, Level) or not callable(fn):
@@ -191,8 +205,13 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
         if level_name is None:
             raise LevelError(f"@level: {type(fn).__name__} objects have no __name__; pass "
                              f"name=... to @mlo.level.")
+        _check_shard(level_name, module, hypergrad, options)
         _check_options(level_name, module, optimizer, data, options)
         new = Level(fn, module, optimizer, data, hypergrad, level_name, options)
+        if options.shard and any(kind == "init" for _, kind in new.names):
+            raise LevelError(f"@level '{level_name}': shard=True on a level that starts from "
+                             f"another (mlo.Init) is not supported; remove one of the two.\n"
+                             f"  {new.location}")
         registry.add(new)
         return new
 
@@ -251,6 +270,31 @@ def _check_options(name: str, module, optimizer, data, options: Options) -> None
             is not optimizer:
         raise LevelError(f"{prefix} the scheduler drives another optimizer; build it on this "
                          f"level's optimizer.")
+
+
+def _check_shard(name: str, module, hypergrad, options: Options) -> None:
+    """Refuse what a sharded level does not support, and a module sharded before mlo saw it."""
+    prefix = f"@level '{name}':"
+    if is_fsdp(module):
+        raise LevelError(f"{prefix} the module is already sharded by fully_shard; pass the "
+                         f"unsharded module (and an optimizer over its parameters) with "
+                         f"shard=True: Program shards it and keeps an unsharded twin for "
+                         f"hypergradient passes.")
+    if not isinstance(options.shard, bool):
+        raise LevelError(f"{prefix} shard must be True or False, got {options.shard!r}.")
+    if not options.shard:
+        return
+    if isinstance(module, torch.Tensor):
+        raise LevelError(f"{prefix} shard=True needs an nn.Module, but the module is a tensor of "
+                         f"hyperparameters; remove the option (a tensor is not sharded).")
+    if hypergrad is not None:
+        raise LevelError(f"{prefix} shard=True with hypergrad={hypergrad!r}: a sharded level "
+                         f"cannot have a hypergradient of its own; shard the lower levels it "
+                         f"reads, or remove shard=True here.")
+    for key in ("fp16", "compile", "activation_checkpointing"):
+        if getattr(options, key):
+            raise LevelError(f"{prefix} shard=True with {key}={getattr(options, key)!r} is not "
+                             f"supported; remove one of the two options.")
 
 
 def _check_data(prefix: str, data) -> None:

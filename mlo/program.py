@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from . import checkpoint, checks, distributed, meta
+from . import checkpoint, checks, distributed, meta, sharding
 from .bypass import check_handles
 from .chain import ChainRule
 from .costs import Costs
@@ -65,6 +65,10 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
             raise MloError(f"Program: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
         self.levels = {lv.name: lv for lv in levels}
+        self._sharded = {lv.name for lv in levels if lv.options.shard} \
+            if distributed.world_size() > 1 else set()  # with one process shard=True does nothing
+        for name in self._sharded:
+            sharding.shard(self.levels[name])
         for lv in levels:
             lv.refresh()
         refuse_learned_hyperparameters(levels)
@@ -116,6 +120,9 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
         self._reducers = {}  # a level without one is averaged in one all-reduce after its step
         if self._parallel:
             for lv in levels:
+                if lv.name in self._sharded:  # broadcast before sharding; FSDP2 reduces it
+                    self._reducers[lv.name] = None
+                    continue
                 distributed.broadcast_level(lv)
                 self._reducers[lv.name] = distributed.GradientReducer(lv.named_parameters())
         self._plain = plain_levels(self)  # {level: its cost's handles} for plain real steps

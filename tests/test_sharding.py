@@ -1,0 +1,274 @@
+"""Sharded levels (FSDP2) on 2 forked CPU processes (gloo): parameters, gradients and optimizer
+state are shards, and every method's program equals one process with the concatenated batches;
+checkpoints of a sharded program resume exactly; wrong uses fail early."""
+
+import os
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mlo
+from test_distributed import forked
+
+STEPS, BATCH = 4, 6
+METHODS = ("itd", "aid_cg", "aid_neumann", "aid_fd", "sama")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(os, "fork"),
+                                reason="needs gloo and fork")
+
+
+def batches(seed, size):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(STEPS, size, 5, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.linspace(-0.5, 0.5, 5, dtype=torch.float64)[:, None])
+    return [(x[i], y[i]) for i in range(STEPS)]
+
+
+def shard(full, rank):
+    return [(x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]) for x, y in full]
+
+
+def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False):
+    """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
+    per-feature scales from validation data."""
+    mlo.registry.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4) if norm else nn.Identity(), nn.Tanh(),
+                        nn.Linear(4, 1)).double()
+    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama" or adam \
+        else torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+
+    # aid_cg accumulates 2 micro-batches per step, aid_neumann clips the (sharded) gradient
+    @mlo.level(module=net, optimizer=optimizer, data=train, shard=sharded, name="inner",
+               unroll=unroll, grad_accum=2 if method == "aid_cg" else 1,
+               clip_grad=0.05 if method == "aid_neumann" else None)
+    def inner(batch, module, outer):
+        x, y = batch
+        return ((module(x * outer().exp()) - y) ** 2).mean()
+
+    @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
+               hypergrad=method, name="outer")
+    def outer(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    program = mlo.Program(inner, outer)
+    for _ in range(STEPS * unroll):
+        program.step()
+    kinds = {type(p).__name__ for p in net.parameters()}
+    kinds |= {type(s).__name__ for state in optimizer.state.values() for s in state.values()
+              if s.dim() > 0}
+    with torch.no_grad():  # the sharded net through its own hooks, on fresh inputs
+        outputs = net(torch.ones(3, 5, dtype=torch.float64)).ravel()
+    params = torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()])
+    return {"params": params, "outputs": outputs, "kinds": sorted(kinds),
+            "buffers": [b.clone() for b in net.buffers()]}
+
+
+def _full(p):
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+def sharded_runs(rank):
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    runs = {method: run_program(method, train, val) for method in METHODS}
+    # unrolls of 2 Adam steps, replayed (and recomputed): each rank differentiates its own
+    # batches, so the reference is the unsharded program on the same 2 ranks
+    for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
+        for sharded in (True, False):
+            runs[name, sharded] = run_program(method, train, val, sharded, unroll=2, adam=True)
+    for sharded in (True, False):  # running statistics: each rank its own, as without sharding
+        runs["norm", sharded] = run_program("aid_fd", train, val, sharded, norm=True)
+    return runs
+
+
+def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_method(tmp_path):
+    results = forked(sharded_runs, tmp_path, timeout=60.0)
+    for method in METHODS:
+        single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH))
+        ranks = [result[method] for result in results]
+        assert ranks[0]["kinds"] == ["DTensor"], method  # parameters and optimizer state: shards
+        assert single["kinds"] == ["Parameter", "Tensor"]  # one process: shard=True does nothing
+        assert torch.equal(ranks[0]["params"], ranks[1]["params"]), method
+        assert torch.allclose(ranks[0]["params"], single["params"], atol=1e-6, rtol=0), method
+        assert torch.allclose(ranks[0]["outputs"], single["outputs"], atol=1e-6, rtol=0), method
+        assert not torch.allclose(single["params"][-5:], torch.zeros(5, dtype=torch.float64))
+    for name in ("itd2", "recompute2", "norm"):
+        sharded, unsharded = results[0][name, True], results[0][name, False]
+        assert sharded["kinds"] == ["DTensor"] and unsharded["kinds"] == ["Parameter", "Tensor"]
+        assert torch.allclose(sharded["params"], unsharded["params"], atol=1e-6, rtol=0), name
+        for ours, theirs in zip(sharded["buffers"], unsharded["buffers"]):
+            assert torch.allclose(ours.double(), theirs.double(), atol=1e-6, rtol=0), name
+    # advanced by the inner steps, the outer steps (the twin, on the module's own buffers) and
+    # the evaluation of `outputs`; not by the hypergradient passes
+    assert int(results[0]["norm", True]["buffers"][2]) == 2 * STEPS + 1
+
+
+def given_values(rank):
+    """A functional pass on a sharded level runs on the tensors it is given, not on the module's
+    own (FSDP2's hooks would install those): zeros give a zero output, the gathered parameters
+    the module's own output."""
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    run_program("aid_fd", train, val)
+    level = mlo.registry["inner"]
+    x = torch.randn(3, 5, dtype=torch.float64)
+    full = mlo.sharding.gathered(level)
+    zeros = {k: torch.zeros_like(t) for k, t in full.items()}
+    with torch.no_grad():
+        return {"zeros": mlo.handle.Handle(level, zeros)(x),
+                "gathered": mlo.handle.Handle(level, full)(x), "live": level(x),
+                "first": mlo.handle.Handle(level, full)[0](x), "first_live": level.module[0](x)}
+
+
+def test_a_functional_pass_on_a_sharded_level_uses_the_given_values(tmp_path):
+    for result in forked(given_values, tmp_path):
+        assert torch.equal(result["zeros"], torch.zeros(3, 1, dtype=torch.float64))
+        assert torch.allclose(result["gathered"], result["live"], atol=1e-12, rtol=0)
+        assert torch.allclose(result["first"], result["first_live"], atol=1e-12, rtol=0)
+        assert not torch.equal(result["live"], torch.zeros(3, 1, dtype=torch.float64))
+
+
+def checkpointed(rank, folder):
+    """An uninterrupted 8-step run of a sharded level (Adam, dropout, unroll 2 under itd), then
+    5 steps with checkpoints and a resume to 8 from the last one, inside an unroll window."""
+    def program(sharded=True):
+        mlo.registry.clear()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.3), nn.Linear(4, 1))
+        scales = nn.Parameter(torch.zeros(5))
+        data = TensorDataset(torch.randn(24, 5), torch.randn(24, 1))
+
+        @mlo.level(module=net, optimizer=torch.optim.Adam(net.parameters(), lr=0.05),
+                   data=DataLoader(data, batch_size=4, shuffle=True), unroll=2, shard=sharded)
+        def inner(batch, module, outer):
+            x, y = batch
+            return ((module(x * outer().exp()) - y) ** 2).mean()
+
+        @mlo.level(module=scales, optimizer=torch.optim.Adam([scales], lr=0.1),
+                   data=DataLoader(data, batch_size=6, shuffle=True), hypergrad="itd")
+        def outer(batch, inner):
+            x, y = batch
+            return ((inner(x) - y) ** 2).mean()
+
+        return mlo.Program(inner, outer), net, scales
+
+    def params(net, scales):
+        return torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()])
+
+    reference, net, scales = program()
+    reference.run(8, progress=False)
+    expected = params(net, scales)
+    first, net, scales = program()
+    first.run(5, checkpoint=folder, checkpoint_every=2, progress=False)
+    resumed, net, scales = program()
+    resumed.run(8, checkpoint=folder, checkpoint_every=2, resume=True, progress=False)
+    result = {"expected": expected, "resumed": params(net, scales), "step": resumed.global_step}
+    try:
+        program(sharded=False)[0].load_state_dict(resumed.state_dict())
+    except mlo.CheckpointError as error:
+        result["unsharded"] = str(error)
+    return result
+
+
+def test_a_sharded_program_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    folder = tmp_path / "run"
+    results = forked(checkpointed, tmp_path, str(folder), timeout=60.0)
+    for result in results:
+        assert result["step"] == 8 and torch.equal(result["resumed"], result["expected"])
+    assert torch.equal(results[0]["expected"], results[1]["expected"])
+    assert results[0]["unsharded"] == (
+        "Program.load_state_dict: level 'inner' was sharded (shard=True) in the checkpoint but is "
+        "not here; declare it with shard=True, on as many ranks as it was saved from.")
+    state = torch.load(folder / "step-000000005.rank1.pt", weights_only=True)
+    weight = state["levels"]["inner"]["module"]["0.weight"]
+    assert weight["shape"] == [4, 5] and weight[mlo.sharding.SHARD].shape == (2, 5)  # a shard
+    assert state["windows"]["outer/inner"]["params"]["0.weight"][mlo.sharding.SHARD].shape == (2, 5)
+
+
+def misuse(rank, case):
+    """One wrong use of a sharded level on 2 ranks (a failed step ends the process group, so
+    one per run): the error it raises."""
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    if case == "sharded_before":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(net)
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=train,
+               shard=True)
+    def inner(batch, module, outer):
+        x, y = batch
+        if case == "around":  # calls the network object, not its handle
+            return ((net(x * outer().exp()) - y) ** 2).mean()
+        penalty = module[0].weight.pow(2).sum() if case == "weight_decay" else 0.0
+        return ((module(x * outer().exp()) - y) ** 2).mean() + penalty
+
+    @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
+               hypergrad="aid_fd")
+    def outer(batch, inner):
+        x, y = batch
+        if case == "upper_around":  # harmless without sharding: the same live parameters
+            return ((net(x) - y) ** 2).mean()
+        return ((inner(x) - y) ** 2).mean()
+
+    program = mlo.Program(inner, outer)
+    for _ in range(2):
+        program.step()
+    return {}
+
+
+@pytest.mark.parametrize("case, kind, message", [
+    ("around", "DistributedError", r"Program.step \(step 0\): level 'outer' failed on rank \d of 2 "
+                                   r"\(HandleError: Program.step \(step 0\): level 'inner' reads "
+                                   r"its network directly"),
+    ("weight_decay", "DistributedError", r"Program.step \(step 0\): level 'inner' failed on rank "
+                                         r"\d of 2 \(HandleError: level 'inner' is sharded "
+                                         r"\(shard=True\): in its real steps its parameters are "
+                                         r"this rank's shards outside a call of its module"),
+    ("upper_around", "DistributedError", r"Program.step \(step 0\): level 'outer' failed on rank "
+                                         r"\d of 2 \(HandleError: Program.step \(step 0\): level "
+                                         r"'outer' calls the network of sharded level 'inner' "
+                                         r"directly instead of through the handle 'inner'"),
+    ("sharded_before", "LevelError", r"@level 'inner': the module is already sharded by "
+                                     r"fully_shard; pass the unsharded module"),
+])
+def test_wrong_uses_of_a_sharded_level_on_two_ranks_raise_naming_the_level(tmp_path, case, kind,
+                                                                           message):
+    for result in forked(misuse, tmp_path, case):
+        assert result["error"] == kind
+        assert re.match(message, result["message"]), result["message"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(hypergrad="aid_cg"), r"@level 'bad': shard=True with hypergrad='aid_cg': a sharded level "
+                               r"cannot have a hypergradient of its own; shard the lower levels"),
+    (dict(fp16=True), r"@level 'bad': shard=True with fp16=True is not supported"),
+    (dict(compile=True), r"@level 'bad': shard=True with compile=True is not supported"),
+    (dict(activation_checkpointing=True), r"shard=True with activation_checkpointing=True"),
+    (dict(shard="yes"), r"@level 'bad': shard must be True or False, got 'yes'"),
+])
+def test_shard_refuses_options_it_does_not_support(parts, options, message):
+    options = {"shard": True, **options}
+    with pytest.raises(mlo.LevelError, match=message):
+        mlo.level(**parts(hypergrad=options.pop("hypergrad", None)), **options, name="bad")(
+            lambda module: module(torch.ones(2)).sum())
+
+
+def test_shard_refuses_a_tensor_and_a_start_from_another_level(parts):
+    tensor = nn.Parameter(torch.zeros(2))
+    with pytest.raises(mlo.LevelError, match=r"@level 'bad': shard=True needs an nn.Module, but "
+                                             r"the module is a tensor"):
+        mlo.level(module=tensor, optimizer=torch.optim.SGD([tensor], lr=0.1), shard=True,
+                  name="bad")(lambda module: module.sum())
+
+    def adapt(module, meta: mlo.Init):
+        return module(torch.ones(2)).sum()
+
+    with pytest.raises(mlo.LevelError, match=r"@level 'adapt': shard=True on a level that starts "
+                                             r"from another \(mlo.Init\) is not supported"):
+        mlo.level(**parts(), shard=True)(adapt)
