@@ -114,6 +114,37 @@ def test_aid_fd_respects_no_grad_regions_and_custom_functions():
     assert torch.allclose(out["phi"], -XI * 2 * theta * v, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_the_exact_product_is_taken_in_forward_mode_where_it_equals_reverse_mode(detach):
+    """Forward-over-reverse (tangents stop at .detach()) gives the closed form by itself."""
+    from mlo.hypergrad.fd import _forward_over_reverse
+    theta, phi, v = point()
+    out = _forward_over_reverse(weighted_cost(detach), {"w": theta}, {"phi": phi}, {"w": v})
+    assert out is not None
+    assert torch.allclose(-XI * out["phi"], closed_form(theta, phi, v, detach),
+                          atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["no_grad", "custom_function"])
+def test_reverse_mode_where_forward_mode_would_differ(case):
+    """A no_grad region (which tangents would cross) or an autograd function without a jvp:
+    the product is taken in reverse mode, and equals ∇_θ f = φ ∘ 2θ's mixed product."""
+    from mlo.hypergrad.fd import _forward_over_reverse
+    theta, _, v = point()
+    phi = torch.randn(N, dtype=D)
+
+    def cost(inner, outer):
+        if case == "no_grad":
+            with torch.no_grad():
+                constant = inner["w"].sum()
+            return (outer["phi"] * inner["w"] ** 2).sum() + constant * outer["phi"].sum()
+        return (outer["phi"] * Square.apply(inner["w"])).sum()
+
+    assert _forward_over_reverse(cost, {"w": theta}, {"phi": phi}, {"w": v}) is None
+    out = aid_fd(scale=XI)(cost, {"w": theta}, {"phi": phi}, {"w": v})
+    assert torch.allclose(out["phi"], -XI * 2 * theta * v, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["aid_fd", "sama"])
 def test_program_reweighting_hypergradient_equals_closed_form(method):
     """Through the DSL: one inner SGD step, then the weight net's step on −η ∂²f/∂φ∂θ · ∇_θ F."""

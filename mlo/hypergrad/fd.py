@@ -1,13 +1,12 @@
 """Identity-Hessian hypergradients: DARTS' second-order term (`aid_fd`) and SAMA (`sama`).
 
 Both return −ξ ∂²f/∂φ∂θ · v: the one-step unrolled best response θ − ξ∇_θ f(θ, φ), differentiated
-in φ. By default the mixed product is exact: the shared implicit kernel with the Hessian taken as
-I/ξ (one gradient graph ∇_θ f and one backward pass of ξv · ∇_θ f to φ). It differentiates the very
-gradient the inner step applies, so it respects what that step respects: `.detach()`,
-`torch.no_grad()` regions and custom autograd functions (whose backward must be differentiable, as
-for `itd` and `aid_cg`). Forward-mode schemes (`torch.func.jvp` of ∇_φ f along v) were considered
-and not used: their tangents flow through `torch.no_grad()` regions, and custom autograd functions
-would need a `jvp`. `exact=False` keeps DARTS' central finite difference of ∇_φ f along v, which
+in φ. By default the mixed product is exact: the tangent of ∇_φ f along v (forward-over-reverse,
+`mixed_product`), or, where the cost has a `torch.no_grad()` region or an operation without a
+forward derivative, the shared implicit kernel with the Hessian taken as I/ξ (one gradient graph
+∇_θ f and one backward pass of ξv · ∇_θ f to φ). Both differentiate the very gradient the inner
+step applies, so they respect what that step respects: `.detach()`, `torch.no_grad()` regions and
+custom autograd functions (whose backward must be differentiable, as for `itd` and `aid_cg`). `exact=False` keeps DARTS' central finite difference of ∇_φ f along v, which
 differences the cost's *value* and so cannot see a `.detach()` inside it.
 """
 
@@ -16,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
 
 from ._implicit import gradients, implicit_vjp
 from ._method import Method, Params
@@ -55,15 +56,59 @@ def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Pa
 
 def mixed_product(loss_fn, inner_params: Params, outer_params: Params, v: Params,
                   scale: float) -> Params:
-    """Return −scale · ∂²f/∂φ∂θ · v exactly: the implicit kernel with the solve u = scale · v.
+    """Return −scale · ∂²f/∂φ∂θ · v exactly.
 
-    Cost: one forward pass, one backward pass that keeps its graph, and one backward pass of
-    that graph to φ (no Hessian-vector product in θ).
+    First by forward-over-reverse: θ enters as a dual tensor with tangent v
+    (`torch.autograd.forward_ad`), and the tangent of ∇_φ f (one backward pass) is
+    ∂²f/∂φ∂θ · v. Cost: the forward pass with its tangents and one backward pass to φ, keeping no
+    second-order graph; on the reweighting MLP it costs what the central difference costs. Tangents
+    stop at `.detach()`, as reverse mode does, but not at `torch.no_grad()`, and a custom autograd
+    function needs a `jvp`: where the cost runs any operation with gradients disabled, or forward
+    mode fails, the product is taken in reverse mode instead, with the same result (the implicit
+    kernel with the solve u = scale · v: one backward pass that keeps its graph, and one more of
+    that graph to φ).
     """
+    forward = _forward_over_reverse(loss_fn, inner_params, outer_params, v)
+    if forward is not None:
+        return {k: -scale * t for k, t in forward.items()}
+
     def identity(hvp, w: Params) -> Params:
         return {k: scale * t for k, t in w.items()}
 
     return implicit_vjp(loss_fn, inner_params, outer_params, v, identity)
+
+
+class _GradModeWatch(TorchFunctionMode):
+    """Note whether any operation runs with gradients disabled (`torch.no_grad()` regions, which
+    forward-mode tangents would cross where reverse mode stops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.disabled = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not torch.is_grad_enabled():
+            self.disabled = True
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_over_reverse(loss_fn, inner_params: Params, outer_params: Params,
+                          v: Params) -> Params | None:
+    """∂²f/∂φ∂θ · v as the tangent of ∇_φ f along θ's tangent v; None where forward mode would
+    not give reverse mode's derivative (see `mixed_product`)."""
+    try:
+        with torch.enable_grad(), fwAD.dual_level(), _GradModeWatch() as watch:
+            inner = {k: fwAD.make_dual(t.detach(), v[k].detach().to(t.dtype))
+                     for k, t in inner_params.items()}
+            outer = {k: t.detach().requires_grad_() for k, t in outer_params.items()}
+            gradient = gradients(loss_fn(inner, outer), outer)
+            tangents = {k: fwAD.unpack_dual(g).tangent for k, g in gradient.items()}
+    except (RuntimeError, NotImplementedError):  # an operation without a forward derivative
+        return None
+    if watch.disabled:
+        return None
+    return {k: torch.zeros_like(outer_params[k]) if t is None else t.detach()
+            for k, t in tangents.items()}
 
 
 def aid_fd(r: float = 0.01, scale: float | None = None, exact: bool = True) -> Method:
