@@ -117,7 +117,9 @@ def aid_fd(r: float = 0.01, scale: float | None = None, exact: bool = True) -> M
     Computes (dθ*/dφ)ᵀ v ≈ −ξ ∂²f/∂φ∂θ · v, with ξ the inner level's current learning rate, or
     `scale` (scale=1 is the other common convention). With `exact=True` (default) the mixed
     product is exact and respects `.detach()`, `torch.no_grad()` and custom autograd functions in
-    the inner cost, as `itd` and `aid_cg` do; cost: one forward and two backward passes. With
+    the inner cost, as `itd` and `aid_cg` do; cost: one forward pass with tangents and one
+    backward pass (forward-over-reverse; a forward and two backward passes in reverse mode, where
+    the cost has a `torch.no_grad()` region or an operation without a forward derivative). With
     `exact=False` it is DARTS' central difference −ξ [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε,
     ε = r/‖v‖ (the radius grows for float16/bfloat16 compute): two forward passes and one backward
     pass with no second-order graph, but it differences the cost's value, so a `.detach()` inside
