@@ -125,6 +125,31 @@ def test_the_exact_product_is_taken_in_forward_mode_where_it_equals_reverse_mode
                           atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("method", [aid_fd, sama])
+def test_both_modes_give_the_closed_form(mode, method):
+    theta, phi, v = point()
+    out = method(scale=XI, mode=mode)(weighted_cost(True), {"w": theta}, {"phi": phi}, {"w": v})
+    assert torch.allclose(out["phi"], closed_form(theta, phi, v, True), atol=1e-12, rtol=0)
+
+
+def test_auto_mode_takes_forward_over_reverse_on_large_lower_levels(monkeypatch):
+    import mlo.hypergrad.fd as fd
+    calls = []
+    original = fd._forward_over_reverse
+    monkeypatch.setattr(fd, "_forward_over_reverse",
+                        lambda *args: calls.append(1) or original(*args))
+    theta, phi, v = point()
+    aid_fd(scale=XI)(weighted_cost(True), {"w": theta}, {"phi": phi}, {"w": v})
+    assert not calls  # 4 parameters: reverse mode
+    monkeypatch.setattr(fd, "FORWARD_MIN_PARAMS", 4)
+    out = aid_fd(scale=XI)(weighted_cost(True), {"w": theta}, {"phi": phi}, {"w": v})
+    assert calls and torch.allclose(out["phi"], closed_form(theta, phi, v, True), atol=1e-12,
+                                    rtol=0)
+    with pytest.raises(ValueError, match="mode"):
+        aid_fd(mode="sideways")
+
+
 @pytest.mark.parametrize("case", ["no_grad", "custom_function"])
 def test_reverse_mode_where_forward_mode_would_differ(case):
     """A no_grad region (which tangents would cross) or an autograd function without a jvp:
@@ -141,7 +166,7 @@ def test_reverse_mode_where_forward_mode_would_differ(case):
         return (outer["phi"] * Square.apply(inner["w"])).sum()
 
     assert _forward_over_reverse(cost, {"w": theta}, {"phi": phi}, {"w": v}) is None
-    out = aid_fd(scale=XI)(cost, {"w": theta}, {"phi": phi}, {"w": v})
+    out = aid_fd(scale=XI, mode="forward")(cost, {"w": theta}, {"phi": phi}, {"w": v})
     assert torch.allclose(out["phi"], -XI * 2 * theta * v, atol=1e-12, rtol=0)
 
 
