@@ -14,7 +14,7 @@ from mlo.optim import FunctionalOptimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from meta_tasks import assert_params_close, make_tasks, net, run  # noqa: E402
-from test_live import _reweighting_program  # noqa: E402
+from test_live import _reweighting_program, assert_resumes_bit_for_bit  # noqa: E402
 from test_meta import maml_by_hand, maml_program, meta_sgd_program  # noqa: E402
 
 D = torch.float64
@@ -103,22 +103,11 @@ def test_learned_rates_match_the_default():
 
 
 def test_resume_inside_a_window_continues_bit_for_bit(tmp_path):
-    method = itd(recompute=True)
-    program, net_, scale, _ = _reweighting_program(True, method=method)
-    torch.manual_seed(3)
-    for _ in range(5):
-        program.step()
-    assert len(program._windows[("weigh", "fit")].points) == 1
-    program.save(tmp_path / "kept.pt")
-    for _ in range(4):
-        program.step()
-    expected = [p.detach().clone() for p in (*net_.parameters(), scale)]
-    fresh, net_again, scale_again, _ = _reweighting_program(True, method=method)
-    fresh.load_state_dict(mlo.checkpoint.load(tmp_path / "kept.pt"))
-    for _ in range(4):
-        fresh.step()
-    for p, q in zip((*net_again.parameters(), scale_again), expected):
-        assert torch.equal(p, q)
+    def check(window):
+        assert len(window.points) == 1
+
+    assert_resumes_bit_for_bit(
+        tmp_path, lambda: _reweighting_program(True, method=itd(recompute=True)), check)
 
 
 @pytest.mark.parametrize("every", [2, 3, 7])

@@ -202,18 +202,29 @@ def test_live_trajectory_holds_the_modules_values_exactly():
 def test_resume_inside_a_live_window_continues_bit_for_bit(tmp_path, plain_sgd):
     """Adam: the window keeps the values each step had, and the replay at resume is moved onto
     them; plain SGD: the replay takes those very values, so the window keeps none."""
-    program, net_, scale, _ = _reweighting_program(True, plain_sgd=plain_sgd)
+    def check(window):
+        assert len(window.values) == 2 and all((v is None) == plain_sgd for v in window.values)
+
+    assert_resumes_bit_for_bit(tmp_path, lambda: _reweighting_program(True, plain_sgd=plain_sgd),
+                               check)
+
+
+def assert_resumes_bit_for_bit(tmp_path, build, check=None):
+    """A `_reweighting_program` saved one step into its second window (`check` sees that window
+    first) and resumed by a fresh program takes the uninterrupted run's next 4 steps bit for
+    bit."""
+    program, net_, scale, _ = build()
     torch.manual_seed(3)
     for _ in range(5):  # one step into the second window
         program.step()
-    values = program._windows[("weigh", "fit")].values
-    assert len(values) == 2 and all((v is None) == plain_sgd for v in values)
-    program.save(tmp_path / "live.pt")
+    if check is not None:
+        check(program._windows[("weigh", "fit")])
+    program.save(tmp_path / "mid.pt")
     for _ in range(4):
         program.step()
     expected = [p.detach().clone() for p in (*net_.parameters(), scale)]
-    fresh, net_again, scale_again, _ = _reweighting_program(True, plain_sgd=plain_sgd)
-    fresh.load_state_dict(mlo.checkpoint.load(tmp_path / "live.pt"))
+    fresh, net_again, scale_again, _ = build()
+    fresh.load_state_dict(mlo.checkpoint.load(tmp_path / "mid.pt"))
     for _ in range(4):
         fresh.step()
     for p, q in zip((*net_again.parameters(), scale_again), expected):
