@@ -17,11 +17,15 @@ UNSUPPORTED: dict[str, str] = {}
 
 
 class Runner(common.Runner):
+    VMAP = False  # tasks one after another; mlo_vmap_impl sets it: side by side
+
     def __init__(self, config: common.Config):
         super().__init__(config)
-        tasks = common.tasks(config)
+        tasks, steps = common.tasks(config), config.inner_steps
+        if self.VMAP:  # one batch per meta-batch, the T tasks stacked along a leading axis
+            t = config.tasks
+            tasks = [common.stacked(tasks[j * t:(j + 1) * t]) for j in range(config.batches)]
         learner = copy.deepcopy(self.net)
-        steps = config.inner_steps
 
         @mlo.level(module=learner, optimizer=torch.optim.SGD(learner.parameters(),
                                                              lr=config.inner_lr),
@@ -34,15 +38,15 @@ class Runner(common.Runner):
         @mlo.level(module=self.net, optimizer=torch.optim.Adam(self.net.parameters(),
                                                                lr=config.outer_lr),
                    data=[q for _, q in tasks], hypergrad=config.method, tasks=config.tasks,
-                   name="maml_meta")
+                   vmap=self.VMAP, name="maml_meta")
         def maml_meta(batch, maml_adapt):
             x, y = batch
             return common.mse(maml_adapt(x), y)
 
         levels = (maml_adapt, maml_meta)
-        self.note = describe(levels)
+        self.note = describe(levels) + (", vmap=True" if self.VMAP else "")
         self.program = mlo.Program(*levels)
-        self.global_steps = steps * config.tasks
+        self.global_steps = steps if self.VMAP else steps * config.tasks
 
     def step(self):
         for _ in range(self.global_steps):
