@@ -130,12 +130,17 @@ def frozen(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def full(tree):
     """`tree` (a tensor, or dicts, lists and tuples of them) with every DTensor gathered whole."""
+    return _map_dtensors(lambda t: t.full_tensor(), tree)
+
+
+def _map_dtensors(fn, tree):
+    """`tree` with `fn` applied to each DTensor in it (dicts, lists and tuples walked)."""
     if isinstance(tree, dict):
-        return {k: full(v) for k, v in tree.items()}
+        return {k: _map_dtensors(fn, v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(full(v) for v in tree)
-    if isinstance(tree, torch.Tensor) and hasattr(tree, "full_tensor"):
-        return tree.full_tensor()
+        return type(tree)(_map_dtensors(fn, v) for v in tree)
+    if isinstance(tree, torch.Tensor) and hasattr(tree, "device_mesh"):
+        return fn(tree)
     return tree
 
 
@@ -175,7 +180,8 @@ def refuse(called: set, step: int, level) -> None:
     where it reads that level through its handle, on gathered parameters: the sharded module
     runs on its own parameters, so the gradient to the gathered ones, and the hypergradient
     through that level, would be zero (with unsharded levels the two calls are the same)."""
-    for name in sorted(called):
+    if called:
+        name = min(called)
         raise HandleError(
             f"Program.step (step {step}): level '{level.name}' calls the network of sharded level "
             f"'{name}' directly instead of through the handle '{name}': the hypergradient of "
@@ -185,14 +191,8 @@ def refuse(called: set, step: int, level) -> None:
 
 def saved(tree):
     """`tree` for a checkpoint: each DTensor as this rank's shard, `{SHARD: local, "shape": ...}`."""
-    if isinstance(tree, dict):
-        return {k: saved(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(saved(v) for v in tree)
-    if isinstance(tree, torch.Tensor) and hasattr(tree, "to_local"):
-        return {SHARD: tree.to_local(), "shape": list(tree.shape),
-                "dims": [getattr(p, "dim", -1) for p in tree.placements]}
-    return tree
+    return _map_dtensors(lambda t: {SHARD: t.to_local(), "shape": list(t.shape),
+                                    "dims": [getattr(p, "dim", -1) for p in t.placements]}, tree)
 
 
 def loaded(tree, level):
