@@ -68,9 +68,4 @@ class PlainStep:
                 level.options.scheduler.step()
         else:
             self.skipped[name] += 1
-        self.steps[name] += 1
-        self._close_windows(name)
-        entry = {"step": self.global_step + 1, "loss": value}
-        entry.update(metrics)
-        self.history[name].append(entry)
-        return value
+        return self._record(level, [(value, metrics)])

@@ -77,8 +77,7 @@ def mixed_product(loss_fn, inner_params: Params, outer_params: Params, v: Params
     20-30% slower with 0.2M (784-256-10, where the per-operation cost of dual tensors does).
     Both modes compute the same quantity, to rounding.
     """
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"aid_fd: mode must be 'auto', 'forward' or 'reverse', got {mode!r}.")
+    _check_mode(mode)
     if mode == "auto":
         size = sum(t.numel() for t in inner_params.values())
         mode = "forward" if size >= FORWARD_MIN_PARAMS else "reverse"
@@ -91,6 +90,11 @@ def mixed_product(loss_fn, inner_params: Params, outer_params: Params, v: Params
         return {k: scale * t for k, t in w.items()}
 
     return implicit_vjp(loss_fn, inner_params, outer_params, v, identity)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"aid_fd: mode must be 'auto', 'forward' or 'reverse', got {mode!r}.")
 
 
 class _GradModeWatch(TorchFunctionMode):
@@ -155,8 +159,7 @@ def aid_fd(r: float = 0.01, scale: float | None = None, exact: bool = True,
             return mixed_product(loss_fn, inner_params, outer_params, v, xi, mode)
         return finite_difference(loss_fn, inner_params, outer_params, v, radius_for(r, dtype), xi)
 
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"aid_fd: mode must be 'auto', 'forward' or 'reverse', got {mode!r}.")
+    _check_mode(mode)
     options = (("r", r), ("scale", scale), ("exact", exact)) + \
         ((("mode", mode),) if mode != "auto" else ())
     return Method("aid_fd", method, options)
