@@ -32,8 +32,7 @@ def check_handles(program, upper: str) -> None:
             continue  # not stepped in this process yet (a resumed run): no batch to check on
         involved = (name, *sources)
         live = {n: program.levels[n].named_parameters() for n in involved}
-        passed = {n: {k: sharding.full(p).detach().requires_grad_() for k, p in live[n].items()}
-                  for n in involved}
+        passed = {n: _leaves(program, n, live[n]) for n in involved}
         # the check must not shift the random stream (dropout) that the run goes on to draw from
         devices = sorted({p.device.index or 0 for group in live.values() for p in group.values()
                           if p.device.type == "cuda"})
@@ -51,6 +50,13 @@ def check_handles(program, upper: str) -> None:
             around = any([next(reached) for _ in live[n]]) or n in called
             if around and not via_handle:
                 raise HandleError(_message(program, upper, level, n))
+
+
+def _leaves(program, name: str, live: dict) -> dict:
+    """Fresh leaves for the parameters mlo passes to `name`'s cost (a sharded level's shards)."""
+    if name in program._sharded:
+        return sharding.leaves(program.levels[name])
+    return {k: p.detach().requires_grad_() for k, p in live.items()}
 
 
 def _message(program, upper: str, level, other: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed, sharding
+from . import distributed, sharding, shards
 from .level import Level
 from .optim import SUPPORTED, FunctionalOptimizer
 from .unroll import level_device, replaying
@@ -20,7 +20,9 @@ class ChainRule:
         several paths is differentiated once for all of them.
         """
         edges = self._edges[upper]
-        adjoint = {low: self._average(v) for low, v in direct.items() if low in edges}
+        # a sharded level's v is this rank's shard, of the ranks' mean already (mlo.shards)
+        adjoint = {low: v if low in self._sharded else self._average(v)
+                   for low, v in direct.items() if low in edges}
         result: dict[str, torch.Tensor] = {}
         for name in reversed(self.graph.order):
             if name not in edges or name not in adjoint:
@@ -31,6 +33,8 @@ class ChainRule:
                 # vectors that feed further VJPs are averaged over ranks here; the upper level's
                 # own part is averaged by the caller, with or after its direct gradient
                 part = out[source] if source == upper else self._average(out[source])
+                if source in self._sharded and source != upper:  # kept as this rank's shard
+                    part = shards.part(self.levels[source], part)
                 target = result if source == upper else adjoint.setdefault(source, {})
                 for key, t in part.items():
                     target[key] = t if key not in target else target[key] + t
@@ -69,10 +73,20 @@ class ChainRule:
                 optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
                 context.update(optimizer=optimizer,
                                state=optimizer.state(level.optimizer, live, copy=False))
-        if self._sharded.intersection((name, *inputs)):  # the pass runs on full parameters
+        if name in self._sharded and method.name != "itd" \
+                and not self._sharded.intersection(inputs):  # the pass runs on the shards
+            inner = shards.local(inner)
+            losses = self._closure(level, [self._last_batch.get(name)], on_shards=True)
+            context.pop("reduce", None)  # products come back averaged over ranks
+            context["dot"] = shards.dot(level)
+            if "state" in context:
+                context["state"] = {k: shards.local(s) for k, s in context["state"].items()}
+        elif self._sharded.intersection((name, *inputs)):  # the pass runs on full parameters
             inner, outer = sharding.full(inner), sharding.full(outer)
             context.update((k, sharding.full(context[k])) for k in ("state", "trajectory")
                            if k in context)
+            if name in self._sharded:
+                v = shards.whole(level, v)
         out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 
@@ -88,13 +102,15 @@ class ChainRule:
         return lambda outer: [o.replace({at: outer[source] for at, source in learned.items()})
                               for o in optimizers]
 
-    def _closure(self, level: Level, batches: list, rng: dict | None = None):
+    def _closure(self, level: Level, batches: list, rng: dict | None = None,
+                 on_shards: bool = False):
         """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name);
-        with `rng`, a recorded step's generator state, its random draws are the step's."""
+        with `rng`, a recorded step's generator state, its random draws are the step's;
+        `on_shards`: `inner` is this rank's shards of a sharded level (`mlo.shards`)."""
         device = level_device(level)
 
         def cost(inner, outer):
-            params = {level.name: inner}
+            params = {level.name: shards.Shards(inner) if on_shards else inner}
             for (src, key), t in outer.items():
                 params.setdefault(src, {})[key] = t
             with replaying(rng, device):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed, sharding
+from . import distributed, sharding, shards
 from .errors import LossError, NonFiniteError, quoted
 from .handle import Handle
 from .level import Level
@@ -43,7 +43,7 @@ class Costs:
             if values is None and frozen:
                 values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
                 if other in self._sharded:
-                    values = sharding.full(values)
+                    values = shards.local(values)
             kwargs[other] = Handle(self.levels[other], values, real=real)
         with self._precision[level.name].autocast():
             return level.fn(**kwargs)
@@ -83,8 +83,8 @@ class Costs:
         if not edges and reducer is None and precision.scaler is None:
             return self._accumulate_own(level, batch, precision)
         reads = self._reads[level.name]
-        # a sharded level read here runs on its gathered parameters: the gradient to them is v
-        gathered = {low: sharding.gathered(self.levels[low]) for low in reads if low in self._sharded}
+        # a sharded level read here runs on its shards: the gradient to them is v's shard
+        gathered = {low: sharding.leaves(self.levels[low]) for low in reads if low in self._sharded}
         params = {low: gathered.get(low) or self.levels[low].named_parameters() for low in reads}
         if gathered:  # the sharded module itself would give no gradient to `gathered`
             with sharding.calls(self.levels[low] for low in gathered) as called:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from . import rebind, sharding
+from . import rebind, sharding, shards
 from .errors import HandleError
 
 
@@ -63,6 +63,8 @@ class Handle:
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
+        if isinstance(self._params, shards.Shards):  # a sharded level's, read by name: whole
+            return {k: self._param(k) for k in self._params}
         if self._params is not None:
             return self._params
         if sharding.twin(self._module) is not None:
@@ -98,7 +100,7 @@ class Handle:
                                  f"{name}")
         if params is not None:
             if name in params:
-                return params[name]
+                return self._param(name)
             member = _member(type(module), name)
             if member == "property":  # a submodule it returns is viewed as any other
                 return self._view(_run(_Member(module, name), params, (), {}, self._real))
@@ -140,7 +142,14 @@ class Handle:
         if self._params is not None and isinstance(value, torch.Tensor):
             for key, p in self._module._parameters.items():
                 if p is value:
-                    return self._params.get(key, value)
+                    return self._param(key) if key in self._params else value
+        return value
+
+    def _param(self, key: str) -> torch.Tensor:
+        """The parameter in use named `key`; a sharded level's gathered whole (differentiably)."""
+        value = self._params[key]
+        if isinstance(self._params, shards.Shards):
+            return shards.gather(value, shards.layout(dict(self._module.named_parameters())[key]))
         return value
 
     def _share(self, child: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -150,11 +159,12 @@ class Handle:
         for key, module in self._module._modules.items():
             if module is child:
                 prefix = key + "."
-                return {k[len(prefix):]: t for k, t in self._params.items() if k.startswith(prefix)}
+                return type(self._params)((k[len(prefix):], t) for k, t in self._params.items()
+                                          if k.startswith(prefix))
         # reached otherwise (a slice of a Sequential, a property): match parameters by identity
         names = {id(p): k for k, p in self._module.named_parameters()}
-        return {k: self._params[names[id(p)]] for k, p in child.named_parameters()
-                if names.get(id(p)) in self._params}
+        return type(self._params)((k, self._params[names[id(p)]]) for k, p in child.named_parameters()
+                                  if names.get(id(p)) in self._params)
 
     def __dir__(self):
         return sorted(set(dir(self._module)) | {"params", "parameters", "named_parameters"})
@@ -226,14 +236,19 @@ def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
     """Call `module` functionally with `params`. Buffers are passed as copies, except in a `real`
     step: a functional pass (a hypergradient) must not advance BatchNorm's running statistics,
     and torch.func transforms allow the in-place update only on copies."""
-    inner, prefix = (module.module, "module.") if isinstance(module, _Member) else (module, "")
-    tensors = {prefix + k: t for k, t in params.items()}
+    member = isinstance(module, _Member)
+    inner, prefix = (module.module, "module.") if member else (module, "")
+    twin = sharding.twin(inner)
+    if isinstance(params, shards.Shards):  # each unit of the twin gathers its own shards
+        tensors = shards.tensors(inner, twin, params, prefix, member)
+    else:
+        tensors = {prefix + k: t for k, t in params.items()}
     if not real:
         tensors.update({prefix + k: b.clone() for k, b in inner.named_buffers()})
-    twin = sharding.twin(inner)
     if twin is not None:  # FSDP2's hooks would run the sharded module on its own parameters
-        tensors.update({prefix + k: t for k, t in sharding.frozen(inner).items()})
-        module = _Member(twin, module.name, module.call) if isinstance(module, _Member) else twin
+        if not isinstance(params, shards.Shards):
+            tensors.update({prefix + k: t for k, t in sharding.frozen(inner).items()})
+        module = _Member(twin, module.name, module.call) if member else twin
     if isinstance(module, _Member):
         return functional_call(module, tensors, args, kwargs, strict=False)
     return rebind.call(module, tensors, args, kwargs)

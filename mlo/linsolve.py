@@ -21,10 +21,12 @@ def _axpy(alpha, x: Params, y: Params) -> Params:
     return {k: y[k] + alpha * x[k] for k in y}
 
 
-def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: float = 0.0) -> Params:
+def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: float = 0.0,
+       dot: Callable[[Params, Params], torch.Tensor] | None = None) -> Params:
     """Solve (A + damping·I) x = b by conjugate gradient from x = 0, for symmetric positive A.
 
-    Cost: `iters` calls of `matvec`. Exact after n iterations for an n-dimensional A (in exact
+    `dot` is the inner product of two vectors (default: the sum of their entries' products; for
+    vectors split over ranks, one that adds the ranks' parts). Cost: `iters` calls of `matvec`. Exact after n iterations for an n-dimensional A (in exact
     arithmetic); once the residual vanishes later iterations change nothing. On an indefinite A
     it runs the same recurrence (no safeguard beyond `damping`), as plain CG does.
 
@@ -33,18 +35,19 @@ def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: 
     >>> torch.allclose(A @ x["w"], torch.tensor([1.0, 0.0]))
     True
     """
+    dot = dot or _dot
     x = {k: torch.zeros_like(t) for k, t in b.items()}
     residual = dict(b)
     direction = dict(b)
-    rs = _dot(residual, residual)
+    rs = dot(residual, residual)
     for _ in range(iters):
         product = matvec(direction)
         if damping:
             product = _axpy(damping, direction, product)
-        step = _divide(rs, _dot(direction, product))
+        step = _divide(rs, dot(direction, product))
         x = _axpy(step, direction, x)
         residual = _axpy(-step, product, residual)
-        rs_new = _dot(residual, residual)
+        rs_new = dot(residual, residual)
         direction = _axpy(_divide(rs_new, rs), direction, residual)
         rs = rs_new
     return x

@@ -51,7 +51,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, shards
 from .errors import CheckpointError, HandleError
 
 _TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -82,6 +82,8 @@ def shard(level) -> None:
     twin = _twin(module)
     units = [child for parent in module.modules() if isinstance(parent, (nn.Sequential, nn.ModuleList))
              for child in parent.children() if any(True for _ in child.parameters())]
+    paths = {id(m): path for path, m in module.named_modules()}
+    shards.units(twin, [paths[id(unit)] for unit in units] + [""])
     for unit in reversed(units):  # inner units first, as fully_shard requires
         fully_shard(unit)
     fully_shard(module)
@@ -144,9 +146,10 @@ def _map_dtensors(fn, tree):
     return tree
 
 
-def gathered(level) -> dict[str, torch.Tensor]:
-    """The level's full parameters, gathered as new leaves that require grad."""
-    return {k: full(p).detach().requires_grad_() for k, p in level.named_parameters().items()}
+def leaves(level) -> "shards.Shards":
+    """The level's parameters as this rank's shards, new leaves that require grad."""
+    return shards.Shards({k: p.to_local().detach().requires_grad_()
+                          for k, p in level.named_parameters().items()})
 
 
 def backward(loss: torch.Tensor, keep) -> None:

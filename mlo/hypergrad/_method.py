@@ -19,7 +19,10 @@ class Method:
     context is what a `Program` knows of the inner level and passes to every method, each using
     what it needs: `lr` (inner learning rate), `optimizer` (a `mlo.optim.FunctionalOptimizer`),
     `state` (that optimizer's state at `inner_params`), `dtype` (the inner cost's autocast
-    dtype, or None) and, under data parallelism, `reduce` (the mean over ranks of a dict).
+    dtype, or None), under data parallelism `reduce` (the mean over ranks of a dict), and on a
+    sharded inner level (`mlo.shards`: `inner_params`, `v` and the method's vectors are this
+    rank's shards, products come back averaged over ranks, so there is no `reduce`) `dot` (the
+    inner product of two such dicts, the ranks' parts added).
     """
 
     name: str

@@ -24,8 +24,8 @@ def aid_cg(iters: int = 10, damping: float = 0.0) -> Method:
     >>> out["lam"]  # Bᵀ A⁻¹ v
     tensor([0.5000, 0.2500])
     """
-    def method(loss_fn, inner_params, outer_params, v, *, reduce=None, **context):
-        solve = partial(linsolve.cg, iters=iters, damping=damping)
+    def method(loss_fn, inner_params, outer_params, v, *, reduce=None, dot=None, **context):
+        solve = partial(linsolve.cg, iters=iters, damping=damping, dot=dot)
         return implicit_vjp(loss_fn, inner_params, outer_params, v, solve, reduce)
 
     return Method("aid_cg", method, (("iters", iters), ("damping", damping)))

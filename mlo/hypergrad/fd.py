@@ -31,12 +31,18 @@ def radius_for(r: float, dtype: torch.dtype | None) -> float:
 
 
 def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Params,
-                      r: float, scale: float) -> Params:
-    """Return −scale · [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r / ‖v‖."""
+                      r: float, scale: float, dot=None) -> Params:
+    """Return −scale · [∇_φ f(θ+εv, φ) − ∇_φ f(θ−εv, φ)] / 2ε with ε = r / ‖v‖ (‖v‖² = `dot`(v, v)
+    where given: vectors split over ranks)."""
     keys = list(inner_params)
     directions = [v[k].detach() for k in keys]
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(d.float() if d.dtype.itemsize < 4 else d) for d in directions])))
+    if dot is not None:
+        wide = {k: d.float() if d.dtype.itemsize < 4 else d for k, d in zip(keys, directions)}
+        norm = math.sqrt(max(float(dot(wide, wide)), 0.0))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(d.float() if d.dtype.itemsize < 4 else d)
+             for d in directions])))
     if norm == 0.0 or not math.isfinite(norm):  # nothing to propagate, or nothing finite to
         fill = 0.0 if norm == 0.0 else float("nan")  # propagate (the caller's check sees NaN)
         return {k: torch.full_like(t, fill) for k, t in outer_params.items()}
@@ -153,11 +159,13 @@ def aid_fd(r: float = 0.01, scale: float | None = None, exact: bool = True,
     >>> out["lam"]
     tensor([1., 1.])
     """
-    def method(loss_fn, inner_params, outer_params, v, *, lr=None, dtype=None, **context):
+    def method(loss_fn, inner_params, outer_params, v, *, lr=None, dtype=None, dot=None,
+               **context):
         xi = _xi("aid_fd", scale, lr)
         if exact:
             return mixed_product(loss_fn, inner_params, outer_params, v, xi, mode)
-        return finite_difference(loss_fn, inner_params, outer_params, v, radius_for(r, dtype), xi)
+        return finite_difference(loss_fn, inner_params, outer_params, v, radius_for(r, dtype), xi,
+                                 dot)
 
     _check_mode(mode)
     options = (("r", r), ("scale", scale), ("exact", exact)) + \

@@ -1,0 +1,232 @@
+"""Passes on shards: a sharded level's hypergradient passes without its full parameters.
+
+A sharded level (`shard=True`, `mlo.sharding`) holds 1/N of its parameters on each rank. The
+passes that read it functionally (an upper level's direct gradient, `aid_cg`/`aid_neumann`'s
+Hessian-vector products, `aid_fd`/`sama`, frozen reads) run here on this rank's shards, as
+FSDP2 runs the level's real steps:
+
+- **Values** are `Shards`: a dict of this rank's local shards (plain tensors, rows of dim 0 as
+  FSDP2 splits them), what a method differentiates and what its vectors (v, CG's iterates, the
+  products) are made of. A method's vector arithmetic is elementwise on them; inner products
+  (`dot`) add the ranks' parts.
+- **The module** runs as its unsharded twin, each FSDP2 unit (a child of an `nn.Sequential` or
+  `nn.ModuleList`, and the module itself for the rest) gathering its own parameters when it is
+  called (`gather`, one all-gather per parameter) and dropping them when it returns; autograd
+  keeps what its backward pass reads, as for any other tensor.
+- **Gradients** to a shard come back reduce-scattered and averaged over ranks (`gather`'s
+  backward pass): the gradient of the mean of the ranks' costs, the data-parallel gradient,
+  with no further all-reduce. Its backward pass in turn gathers, so Hessian-vector products
+  (a second backward pass) are the data-parallel mean too, and forward-mode tangents gather
+  like values (`aid_fd`'s forward-over-reverse product). Parameters of the upper level
+  (replicated) get each rank's part, averaged over ranks where data parallelism averages them.
+
+Memory of a pass: the shards and shard-sized vectors, the parameters of one unit at a time in
+the forward pass, and what autograd saves (a pass that differentiates the level's parameters
+twice keeps each unit's gathered weights in its graph, as it keeps the activations).
+
+`itd` on a sharded level, and passes where a sharded level is itself differentiated against
+(a source of a path), still gather the full parameters once (`mlo.sharding`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Shards(dict):
+    """The parameters in use of a sharded level, by name, as this rank's local shards."""
+
+
+class Layout(NamedTuple):
+    """How a parameter is split: rows of dim 0, `chunk` per rank (the last ones may hold less)."""
+
+    group: object
+    rows: int
+    chunk: int
+    world: int
+    rank: int
+
+    def local_rows(self) -> int:
+        return max(0, min(self.chunk, self.rows - self.rank * self.chunk))
+
+
+def layout(param) -> Layout:
+    """The `Layout` of a DTensor parameter sharded by FSDP2 (`Shard(0)`)."""
+    mesh = param.device_mesh
+    world = mesh.size()
+    rows = param.shape[0]
+    return Layout(mesh.get_group(), rows, -(-rows // world), world, mesh.get_local_rank())
+
+
+def local(tree):
+    """`tree` (a dict of tensors) with every DTensor as this rank's local shard (a view)."""
+    return Shards({k: t.to_local() if hasattr(t, "device_mesh") else t for k, t in tree.items()})
+
+
+def _all_gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
+    with torch._C.DisableTorchFunction():  # collective plumbing, not an operation of the cost
+        rows = part.shape[0]
+        if rows < at.chunk:
+            part = torch.cat([part, part.new_zeros((at.chunk - rows, *part.shape[1:]))])
+        out = part.new_empty((at.chunk * at.world, *part.shape[1:]))
+        dist.all_gather_into_tensor(out, part.contiguous(), group=at.group)
+        return out[:at.rows]
+
+
+def _reduce_scatter(whole: torch.Tensor, at: Layout) -> torch.Tensor:
+    with torch._C.DisableTorchFunction():
+        padding = at.chunk * at.world - at.rows
+        if padding:
+            whole = torch.cat([whole, whole.new_zeros((padding, *whole.shape[1:]))])
+        out = whole.new_empty((at.chunk, *whole.shape[1:]))
+        dist.reduce_scatter_tensor(out, whole.contiguous(), op=dist.ReduceOp.AVG, group=at.group)
+        return out[:at.local_rows()]
+
+
+class _Gather(torch.autograd.Function):
+    """Shard → whole parameter; backward: the gradients of the ranks, averaged and split."""
+
+    @staticmethod
+    def forward(ctx, part, at):
+        ctx.at = at
+        return _all_gather(part, at)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Scatter.apply(grad, ctx.at), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _all_gather(tangent, ctx.at)
+
+
+class _Scatter(torch.autograd.Function):
+    """Whole gradient → this rank's shard of the ranks' mean; backward: gathered again."""
+
+    @staticmethod
+    def forward(ctx, whole, at):
+        ctx.at = at
+        return _reduce_scatter(whole, at)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Gather.apply(grad, ctx.at), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _reduce_scatter(tangent, ctx.at)
+
+
+def gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
+    """The whole parameter from this rank's shard `part` (an all-gather), differentiably: the
+    gradient to `part` is the ranks' gradients averaged (reduce-scatter), a tangent of `part`
+    gathers like its value."""
+    return _Gather.apply(part, at)
+
+
+def whole(level, shards: dict) -> dict:
+    """`shards` (this rank's parts of vectors shaped like `level`'s parameters) gathered whole."""
+    params = level.named_parameters()
+    with torch.no_grad():
+        return {k: _all_gather(t, layout(params[k])) for k, t in shards.items()}
+
+
+def part(level, tensors: dict) -> dict:
+    """This rank's part of `tensors` (whole, shaped like `level`'s parameters)."""
+    out = {}
+    for k, t in tensors.items():
+        at = layout(level.named_parameters()[k])
+        out[k] = t.narrow(0, at.rank * at.chunk, at.local_rows()).clone()
+    return out
+
+
+def dot(level):
+    """The inner product of two dicts of `level`'s shards: the local products, summed over
+    ranks (one all-reduce)."""
+    group = layout(next(iter(level.named_parameters().values()))).group
+
+    def inner_product(a: dict, b: dict) -> torch.Tensor:
+        total = sum((a[k] * b[k]).sum() for k in a).detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    return inner_product
+
+
+class _Pending:
+    """A shard in a slot of the twin, gathered when the unit that owns it is called."""
+
+    __slots__ = ("part", "at")
+
+    def __init__(self, part, at):
+        self.part, self.at = part, at
+
+
+def tensors(sharded: nn.Module, twin: nn.Module, values: Shards, prefix: str, member: bool):
+    """What the twin of `sharded` runs with, by name: the parameters in use (`values`) and the
+    frozen ones, each a pending shard that its unit gathers when called (`units`), or gathered
+    now where it is owned by a unit that contains `twin` (or where `member`: the call reads a
+    property or method, which `functional_call` runs)."""
+    below = _BELOW.get(twin, frozenset())
+    out = {}
+    for k, p in sharded.named_parameters():
+        shard = values.get(k) if p.requires_grad else p.to_local()
+        if shard is None:
+            continue
+        at = layout(p)
+        out[prefix + k] = _Pending(shard, at) if k in below and not member else gather(shard, at)
+    return out
+
+
+_BELOW: "weakref.WeakKeyDictionary[nn.Module, frozenset]" = weakref.WeakKeyDictionary()
+# twin module -> names (relative to it) of the parameters that it or units inside it gather
+
+
+def units(twin: nn.Module, unit_paths: list[str]) -> None:
+    """Make the twin's units gather their pending shards when called, and drop them after.
+
+    `unit_paths` are the FSDP2 units by dotted path ("" for the module itself); a parameter
+    belongs to the innermost unit containing it, as in FSDP2.
+    """
+    modules = dict(twin.named_modules(remove_duplicate=False))
+    names = [name for name, _ in twin.named_parameters(remove_duplicate=False)]
+
+    def inside(name: str, path: str) -> bool:
+        return path == "" or name == path or name.startswith(path + ".")
+
+    owner = {n: max((u for u in unit_paths if inside(n, u)), key=len) for n in names}
+    for path, module in modules.items():
+        _BELOW[module] = frozenset(n[len(path) + 1:] if path else n for n in names
+                                   if inside(n, path) and inside(owner[n], path))
+    for path in unit_paths:
+        slots = []
+        for n in names:
+            if owner[n] == path:
+                parent, _, key = n.rpartition(".")
+                slots.append((modules[parent]._parameters, key))
+        _install(modules[path], slots)
+
+
+def _install(unit: nn.Module, slots: list) -> None:
+    calls: list[list] = []  # per call in progress: the slots it filled
+
+    def before(module, args):
+        filled = []
+        for store, key in slots:
+            value = store.get(key)
+            if isinstance(value, _Pending):
+                store[key] = gather(value.part, value.at)
+                filled.append((store, key, value))
+        calls.append(filled)
+
+    def after(module, args, output):
+        for store, key, value in calls.pop() if calls else ():
+            store[key] = value
+
+    unit.register_forward_pre_hook(before)
+    unit.register_forward_hook(after)
