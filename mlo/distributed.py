@@ -1,4 +1,4 @@
-"""Data parallelism across processes: the only module that imports `torch.distributed`.
+"""Data parallelism across processes (sharded levels: `mlo.sharding` and `mlo.shards`).
 
 Under `torchrun` (or any initialized process group with more than one rank) a `Program`:
 
@@ -103,32 +103,59 @@ def set_epoch(data, epoch: int) -> None:
 
 
 def average(tensors: dict) -> dict:
-    """Return the mean over ranks of a dict of tensors, in one flat all-reduce."""
+    """Average a dict of tensors over ranks, in place, and return it.
+
+    The tensors are the caller's own (fresh gradients, products and vectors of a
+    hypergradient), so no averaged copy is made beside them: they are packed into flat buffers
+    of at most `BUCKET_MB` per all-reduce (one dtype and device each) and copied back, and a
+    tensor of that size or more is reduced where it is. Extra memory: one bucket.
+    """
     if world_size() == 1 or not tensors:
         return tensors
-    keys = list(tensors)
-    flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-    _collective(dist.all_reduce, flat)
-    flat /= world_size()
-    out, offset = {}, 0
-    for k in keys:
-        n = tensors[k].numel()
-        out[k] = flat[offset:offset + n].view_as(tensors[k])
-        offset += n
-    return out
+    seen, bucket, size = set(), [], 0
+    limit = BUCKET_MB * 2 ** 20
+    for key, t in tensors.items():
+        if id(t) in seen:  # one tensor under two keys: averaged once, each key its own
+            t = tensors[key] = t.clone()
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        if bucket and (size + nbytes > limit or (t.dtype, t.device) != (bucket[0].dtype,
+                                                                        bucket[0].device)):
+            _average_bucket(bucket)
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    _average_bucket(bucket)
+    return tensors
+
+
+def _average_bucket(bucket: list) -> None:
+    with torch.no_grad():
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            flat = bucket[0]
+        else:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+        _collective(dist.all_reduce, flat)
+        flat /= world_size()
+        if flat is not bucket[0]:
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def average_grads(parameters) -> None:
-    """Replace each parameter's `.grad` by its mean over ranks (one flat all-reduce, after the
-    backward pass: the reference that `GradientReducer` overlaps with the backward pass).
+    """Replace each parameter's `.grad` by its mean over ranks (all-reduced after the backward
+    pass: the reference that `GradientReducer` overlaps with the backward pass).
 
     A parameter without a gradient on this rank contributes zeros, so that every rank reduces
-    the same flat buffer.
+    the same buffers.
     """
     params = list(parameters)
-    grads = {i: p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
-    for p, g in zip(params, average(grads).values()):
-        p.grad = g.clone()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    average({i: p.grad for i, p in enumerate(params)})
 
 
 class GradientReducer:

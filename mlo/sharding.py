@@ -14,21 +14,21 @@ What is sharded, and when it is gathered:
   parameters returns None for every one of them (they are not in the graph of the forward
   pass). Other levels' `.grad`, which that backward pass may reach, is kept as it was.
 - **Every other pass** that reads the level's parameters (an upper level's real step and its
-  hypergradient: `itd`'s replay, `aid_cg`/`aid_neumann`'s Hessian-vector products,
-  `aid_fd`/`sama`, the handle check) gathers the full parameters once for the pass
-  (`DTensor.full_tensor()`, an all-gather), and runs the module as its unsharded *twin*: a copy
-  of the module made before sharding, whose parameters are empty (meta) and whose buffers are
-  the module's own, called functionally with the gathered (or derived) tensors. The twin is
-  needed because FSDP2's forward hooks install the module's own gathered parameters, so a
-  functional call of the sharded module itself would silently run on its live parameters. The
-  vectors of a hypergradient (v, CG's iterates, the HVPs) are then full-sized and replicated,
-  exactly as in unsharded data parallelism (`mlo.distributed`), so the result equals the
-  unsharded program's. Memory of such a pass: the full parameters once, plus what the unsharded
-  pass holds (its gradient graph and parameter-sized vectors).
+  hypergradient, the handle check) runs the module as its unsharded *twin*: a copy of the
+  module made before sharding, whose parameters are empty (meta) and whose buffers are the
+  module's own, called functionally with the tensors of the pass. The twin is needed because
+  FSDP2's forward hooks install the module's own gathered parameters, so a functional call of
+  the sharded module itself would silently run on its live parameters. Those tensors are this
+  rank's shards, each unit of the twin gathering its own when called (`mlo.shards`): the
+  vectors of a hypergradient (v, CG's iterates, the products) stay shard-sized, and the result
+  equals the unsharded program's. Two passes still gather the full parameters once, with
+  full-sized vectors as in unsharded data parallelism (`full`): `itd`'s replay on a sharded
+  level, and a pass in which a sharded level is differentiated against (a source of a path).
 
 Measured (`python -m benchmarks.memory_per_rank`, a 19.7M-parameter lower level on 2 gloo
-ranks): a rank's peak of tensors is 0.93-0.96× the unsharded ranks' for `aid_fd`, `aid_cg` and
-`itd`, not less: the peak is in the hypergradient pass, which gathers.
+ranks): a rank's peak of tensors (held + pass) is 0.46× the unsharded ranks' for `aid_fd`,
+0.58× for `aid_cg` and 0.89× for `itd`, whose recorded graph keeps every unrolled step's
+gathered weights.
 
 Checkpoints are per rank (as for data parallelism): each rank saves its own shards (local tensors
 with the global shape) and resumes them on as many ranks. A level is sharded when a `Program` is
@@ -36,9 +36,10 @@ built under a process group of more than one rank (first broadcasting rank 0's v
 process `shard=True` changes nothing. Its optimizer is kept (param groups, defaults, scheduler)
 and moved onto the sharded parameters.
 
-This is the one module besides `mlo.distributed` that imports from `torch.distributed`: FSDP2
-and DTensor, lazily (only where a level is sharded); it issues no collective of its own other
-than DTensor's gather.
+Besides `mlo.distributed`, this module and `mlo.shards` are the ones that use
+`torch.distributed`: here FSDP2 and DTensor, lazily (only where a level is sharded), with no
+collective of its own other than DTensor's gather; `mlo.shards` issues the all-gathers and
+reduce-scatters of the passes on shards.
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ import mlo
 from test_distributed import forked
 
 STEPS, BATCH = 4, 6
-METHODS = ("itd", "aid_cg", "aid_neumann", "aid_fd", "sama")
+# CG past convergence (10 iterations on these 29 parameters) amplifies rounding to 1e-6; aid_fd's
+# forward-over-reverse product and its central difference run on shards too
+HYPERGRADS = {"itd": "itd", "aid_cg": mlo.hypergrad.aid_cg(iters=3), "aid_neumann": "aid_neumann",
+              "aid_fd": "aid_fd", "sama": "sama", "aid_fd_forward": mlo.hypergrad.aid_fd(mode="forward"),
+              "aid_fd_central": mlo.hypergrad.aid_fd(exact=False)}
+METHODS = tuple(HYPERGRADS)
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(os, "fork"),
                                 reason="needs gloo and fork")
 
@@ -50,10 +55,8 @@ def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=Fal
         x, y = batch
         return ((module(x * outer().exp()) - y) ** 2).mean()
 
-    # CG past convergence (10 iterations on these 29 parameters) amplifies rounding to 1e-6
     @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
-               hypergrad=mlo.hypergrad.aid_cg(iters=3) if method == "aid_cg" else method,
-               name="outer")
+               hypergrad=HYPERGRADS.get(method, method), name="outer")
     def outer(batch, inner):
         x, y = batch
         return ((inner(x) - y) ** 2).mean()
