@@ -23,6 +23,10 @@ peak tensor memory is the rank's peak of those tensors. FSDP2 gathers a unit's p
 storage it resizes in place, which the tensor count does not see (one or two of the 20 layers at
 a time, 4 MiB each here); the RSS columns do. `--checkpointing no` leaves out the activation
 checkpointing rows, `--no-shard` the sharded ones.
+
+`--device cuda` is the device script for GPUs: the same cases with nccl, rank r on cuda:r (two
+GPUs for the two-rank rows), tensor memory then being the CUDA allocator's peak above the bytes
+allocated at the step's start; results go to `memory_per_rank_cuda.md`.
 """
 
 from __future__ import annotations
@@ -61,13 +65,14 @@ def build(method: str, recompute: bool, batch: int, seed: int, args,
     torch.manual_seed(0)  # equal initial parameters on every rank (rank 0's are broadcast too)
     widths = [784] + [args.width] * args.depth
     layers = [m for a, b in itertools.pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
-    net = nn.Sequential(*layers, nn.Linear(args.width, 10))
-    wnet = nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid())
+    device = _device(args)
+    net = nn.Sequential(*layers, nn.Linear(args.width, 10)).to(device)
+    wnet = nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid()).to(device)
     g = torch.Generator().manual_seed(seed)
 
     def batches():
-        return [(torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g))
-                for _ in range(2)]
+        return [(torch.randn(batch, 784, generator=g).to(device),
+                 torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(2)]
 
     @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.01), data=batches(),
                unroll=2 if method == "itd" else 1, activation_checkpointing=recompute,
@@ -108,12 +113,27 @@ def measure(method: str, recompute: bool, ranks: int, args, sharded: bool = Fals
     rss = PeakMemory("cpu")
     rss.start()
     base = rss.base
-    with LiveBytes() as tensors:
+    if args.device == "cuda":  # the allocator's peak above what the step starts with
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
         outer_step()
-    return {"tensor_mb": tensors.peak / 2 ** 20, "rss_mb": rss.stop(), "base_mb": base / 2 ** 20,
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        with LiveBytes() as tensors:
+            outer_step()
+        peak = tensors.peak
+    return {"tensor_mb": peak / 2 ** 20, "rss_mb": rss.stop(), "base_mb": base / 2 ** 20,
             "step_s": statistics.median(times), "held_mb": held / 2 ** 20,
             "parameters": sum(_local(p).numel()
                               for p in program.levels["classifier"].module.parameters())}
+
+
+def _device(args) -> torch.device:
+    if args.device == "cuda":
+        return torch.device("cuda", mlo.distributed.rank() if dist.is_initialized() else 0)
+    return torch.device("cpu")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -137,7 +157,10 @@ def held_bytes(program: mlo.Program) -> int:
 
 def rank_main(rank: int, folder: str, case: tuple, args) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2,
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                            init_method=f"file://{folder}/init", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=600))
     method, recompute, sharded = case
     result = measure(method, recompute, ranks=2, args=args, sharded=sharded)
@@ -152,7 +175,7 @@ def run_case(method: str, recompute: bool, ranks: int, args, sharded: bool = Fal
         torch.set_num_threads(1)
         return [measure(method, recompute, 1, args)]
     folder = tempfile.mkdtemp()
-    context = mp.get_context("fork")
+    context = mp.get_context("spawn" if args.device == "cuda" else "fork")  # CUDA: no fork
     processes = [context.Process(target=rank_main, args=(r, folder, (method, recompute, sharded),
                                                          args))
                  for r in range(2)]
@@ -205,14 +228,21 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=["both", "no"], default="both",
                         help="activation checkpointing rows: with and without, or without only")
     parser.add_argument("--no-shard", action="store_true", help="leave out the sharded rows")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: nccl, one GPU per rank (the device script)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and args.out == OUT:
+        args.out = OUT.replace(".md", "_cuda.md")
+    if args.device == "cuda" and torch.cuda.device_count() < 2 and not args.case:
+        sys.exit(f"--device cuda runs two ranks on two GPUs; this machine has "
+                 f"{torch.cuda.device_count()}.")
     if args.case:
         method, recompute, ranks, sharded = args.case.split(":")
         print(json.dumps(run_case(method, recompute == "1", int(ranks), args, sharded == "1")))
         return
     torch.set_num_threads(1)
-    info = machine()
+    info = machine(args.device)
     started = time.perf_counter()
     lines = [HEADER]
     print(HEADER, flush=True)
@@ -225,7 +255,7 @@ def main() -> None:
                            f"{method}:{int(recompute)}:{ranks}:{int(sharded)}",
                            "--width", str(args.width),
                            "--depth", str(args.depth), "--batch", str(args.batch),
-                           "--steps", str(args.steps)]
+                           "--steps", str(args.steps), "--device", args.device]
                 out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                                      check=False)
                 if out.returncode:
@@ -248,9 +278,14 @@ def write(args, info: dict, lines: list[str], minutes: float) -> None:
         command += f" --checkpointing {args.checkpointing}"
     if args.no_shard:
         command += " --no-shard"
-    keys = ("cpu", "cores", "torch threads", "python", "torch", "memory", "load average at start")
+    if args.device == "cuda":
+        command += " --device cuda"
+    keys = ("cpu", "gpu", "cores", "torch threads", "python", "torch", "memory",
+            "load average at start")
+    where = "CUDA, nccl" if args.device == "cuda" else "CPU, gloo"
     text = [
-        "# Peak memory per rank: data parallelism, sharding (FSDP2) and activation checkpointing (CPU, gloo)", "",
+        "# Peak memory per rank: data parallelism, sharding (FSDP2) and activation checkpointing "
+        f"({where})", "",
         f"    {command}", "",
         "Machine: " + ", ".join(f"{k} {info[k]}" for k in keys if k in info) + ".", "",
         (f"Lower level: MLP 784 -> {args.width} x {args.depth} -> 10, ReLU, plain SGD. Upper "

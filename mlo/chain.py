@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import distributed, sharding, shards
@@ -87,7 +89,8 @@ class ChainRule:
                            if k in context)
             if name in self._sharded:
                 v = shards.whole(level, v)
-        out = method(losses, inner, outer, v, **context)
+        with shards.regathered() if "dot" in context else contextlib.nullcontext():
+            out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 
     def _update_rules(self, name: str, inputs, optimizers: list):

@@ -249,6 +249,13 @@ def _run(module: nn.Module, params: dict, args, kwargs, real: bool = False):
         if not isinstance(params, shards.Shards):
             tensors.update({prefix + k: t for k, t in sharding.frozen(inner).items()})
         module = _Member(twin, module.name, module.call) if member else twin
+    if isinstance(params, shards.Shards):
+        with shards.regathered():
+            return _call(module, tensors, args, kwargs)
+    return _call(module, tensors, args, kwargs)
+
+
+def _call(module: nn.Module, tensors: dict, args, kwargs):
     if isinstance(module, _Member):
         return functional_call(module, tensors, args, kwargs, strict=False)
     return rebind.call(module, tensors, args, kwargs)

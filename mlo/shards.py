@@ -34,6 +34,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch import nn
 
@@ -125,8 +126,54 @@ class _Scatter(torch.autograd.Function):
 def gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
     """The whole parameter from this rank's shard `part` (an all-gather), differentiably: the
     gradient to `part` is the ranks' gradients averaged (reduce-scatter), a tangent of `part`
-    gathers like its value."""
-    return _Gather.apply(part, at)
+    gathers like its value. Where autograd saves it for a backward pass (under `regathered`),
+    it keeps the shard and gathers again when the backward pass reads it."""
+    return _remember(_Gather.apply(part, at), part, at)
+
+
+_SOURCES: dict = {}  # storage address of a gathered parameter alive -> (weak ref, shard, layout)
+
+
+def _remember(whole: torch.Tensor, part, at) -> torch.Tensor:
+    key = whole.untyped_storage().data_ptr()
+    _SOURCES[key] = (weakref.ref(whole, lambda _, key=key: _SOURCES.pop(key, None)), part, at)
+    return whole
+
+
+class _Regather:
+    """A saved whole parameter (or a view of it), kept as its shard and the view's geometry."""
+
+    __slots__ = ("part", "at", "geometry")
+
+    def __init__(self, part, at, geometry):
+        self.part, self.at, self.geometry = part, at, geometry
+
+
+def _pack(tensor: torch.Tensor):
+    try:
+        source = _SOURCES.get(tensor.untyped_storage().data_ptr())
+    except RuntimeError:  # no storage of its own
+        return tensor
+    if source is None or source[0]() is None or fwAD.unpack_dual(tensor).tangent is not None:
+        return tensor  # (a dual tensor keeps its tangent: forward-over-reverse products)
+    return _Regather(source[1], source[2],
+                     (tensor.size(), tensor.stride(), tensor.storage_offset()))
+
+
+def _unpack(packed) -> torch.Tensor:
+    if not isinstance(packed, _Regather):
+        return packed
+    whole = _all_gather(packed.part.detach(), packed.at).as_strided(*packed.geometry)
+    # autograd links it to its node again; saved again by a second-order pass, a shard again
+    return _remember(whole, packed.part, packed.at)
+
+
+def regathered():
+    """Within this context, autograd saves a gathered parameter as its shard, and gathers it
+    again when a backward pass reads it (as FSDP2 regathers a unit for its backward pass): a
+    pass holds one unit's parameters at a time in its backward passes too, at the price of one
+    more all-gather per unit and backward pass."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 def whole(level, shards: dict) -> dict:

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,14 +37,16 @@ def shard(full, rank):
     return [(x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]) for x, y in full]
 
 
-def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False):
+def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False,
+                device="cpu"):
     """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
     per-feature scales from validation data."""
     mlo.registry.clear()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4) if norm else nn.Identity(), nn.Tanh(),
-                        nn.Linear(4, 1)).double()
-    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+                        nn.Linear(4, 1)).double().to(device)
+    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64, device=device))
+    train, val = ([(x.to(device), y.to(device)) for x, y in data] for data in (train, val))
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama" or adam \
         else torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
 
@@ -68,10 +71,10 @@ def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=Fal
     kinds |= {type(s).__name__ for state in optimizer.state.values() for s in state.values()
               if s.dim() > 0}
     with torch.no_grad():  # the sharded net through its own hooks, on fresh inputs
-        outputs = net(torch.ones(3, 5, dtype=torch.float64)).ravel()
-    params = torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()])
+        outputs = net(torch.ones(3, 5, dtype=torch.float64, device=device)).ravel().cpu()
+    params = torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()]).cpu()
     return {"params": params, "outputs": outputs, "kinds": sorted(kinds),
-            "buffers": [b.clone() for b in net.buffers()]}
+            "buffers": [b.detach().clone().cpu() for b in net.buffers()]}
 
 
 def _full(p):
@@ -89,6 +92,36 @@ def sharded_runs(rank):
     for sharded in (True, False):  # running statistics: each rank its own, as without sharding
         runs["norm", sharded] = run_program("aid_fd", train, val, sharded, norm=True)
     return runs
+
+
+def cuda_rank(rank, folder):
+    """One rank of `test_on_two_gpus_with_nccl`: every method, sharded, on cuda:rank."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    runs = {method: run_program(method, train, val, device=f"cuda:{rank}") for method in METHODS}
+    torch.save(runs, f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or not dist.is_nccl_available(), reason="needs 2 GPUs and nccl")
+def test_on_two_gpus_with_nccl(tmp_path):
+    """The CPU test below on 2 GPUs (nccl): every method equals one process (on CPU)."""
+    context = mp.get_context("spawn")  # CUDA cannot be used in forked processes
+    processes = [context.Process(target=cuda_rank, args=(rank, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(300)
+    assert all(p.exitcode == 0 for p in processes)
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    for method in METHODS:
+        single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH))
+        assert results[0][method]["kinds"] == ["DTensor"], method
+        assert torch.equal(results[0][method]["params"], results[1][method]["params"]), method
+        assert torch.allclose(results[0][method]["params"], single["params"], atol=1e-8,
+                              rtol=0), method
 
 
 def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_method(tmp_path):
