@@ -75,14 +75,19 @@ class ChainRule:
                 optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
                 context.update(optimizer=optimizer,
                                state=optimizer.state(level.optimizer, live, copy=False))
-        if name in self._sharded and method.name != "itd" \
-                and not self._sharded.intersection(inputs):  # the pass runs on the shards
+        if self._on_shards(name, method, inputs):  # the pass runs on the shards
             inner = shards.local(inner)
-            losses = self._closure(level, [self._last_batch.get(name)], on_shards=True)
+            losses = [self._closure(level, b, rng, on_shards=True)
+                      for b, rng in zip(window.batches, window.rng)] if method.name == "itd" \
+                else self._closure(level, [self._last_batch.get(name)], on_shards=True)
             context.pop("reduce", None)  # products come back averaged over ranks
             context["dot"] = shards.dot(level)
             if "state" in context:
                 context["state"] = {k: shards.local(s) for k, s in context["state"].items()}
+            if "trajectory" in context:
+                context["trajectory"] = [None if point is None else (
+                    shards.local(point[0]), {k: shards.local(s) for k, s in point[1].items()})
+                    for point in context["trajectory"]]
         elif self._sharded.intersection((name, *inputs)):  # the pass runs on full parameters
             inner, outer = sharding.full(inner), sharding.full(outer)
             context.update((k, sharding.full(context[k])) for k in ("state", "trajectory")
@@ -92,6 +97,13 @@ class ChainRule:
         with shards.regathered() if "dot" in context else contextlib.nullcontext():
             out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
+
+    def _on_shards(self, name: str, method, inputs) -> bool:
+        """Whether the pass through sharded level `name` runs on this rank's shards
+        (`mlo.shards`): not where a sharded level is differentiated against, nor for `itd` with
+        a clipped update (whose norm the update rule would take over one shard)."""
+        return name in self._sharded and not self._sharded.intersection(inputs) and not (
+            method.name == "itd" and self.levels[name].options.clip_grad is not None)
 
     def _update_rules(self, name: str, inputs, optimizers: list):
         """Return the recorded update rules, or, where `name`'s optimizer hyperparameters are

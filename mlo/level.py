@@ -177,8 +177,8 @@ def level(*, module, optimizer, data=None, hypergrad=None, unroll: int = 1, fp16
     ranks with FSDP2 (`fully_shard`, applied by `Program` under a process group of more than one
     rank; with one process it changes nothing). Its real steps gather one unit (a child of an
     `nn.Sequential` / `nn.ModuleList`) at a time, and so do other levels' steps and
-    hypergradients that read it, on this rank's shards (`mlo.shards`; `itd` gathers its full
-    parameters for the pass, `mlo.sharding`). Pass the unsharded module
+    hypergradients that read it, on this rank's shards (`mlo.shards`; `itd` with `clip_grad`
+    gathers its full parameters for the pass, `mlo.sharding`). Pass the unsharded module
     and its optimizer: mlo moves the optimizer onto the shards. In its own cost, reach its
     parameters through calls of `module` (outside a forward they are this rank's shards). A
     sharded level declares no hypergrad, and sets none of fp16, compile and

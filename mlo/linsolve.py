@@ -49,6 +49,7 @@ def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: 
         for k in x:  # the iterates are updated in place: no vector-sized temporaries
             x[k].addcmul_(direction[k], step)
             residual[k].addcmul_(product[k], step, value=-1)
+        product = None  # freed before the next product is computed
         rs_new = dot(residual, residual)
         beta = _divide(rs_new, rs)
         for k in direction:
@@ -84,4 +85,5 @@ def neumann(matvec: Callable[[Params], Params], b: Params, iters: int = 10,
         for k in total:
             term[k].add_(product[k], alpha=-alpha)
             total[k].add_(term[k])
+        product = None  # freed before the next product is computed
     return {k: t.mul_(alpha) for k, t in total.items()}

@@ -21,9 +21,10 @@ What is sharded, and when it is gathered:
   the sharded module itself would silently run on its live parameters. Those tensors are this
   rank's shards, each unit of the twin gathering its own when called (`mlo.shards`): the
   vectors of a hypergradient (v, CG's iterates, the products) stay shard-sized, and the result
-  equals the unsharded program's. Two passes still gather the full parameters once, with
-  full-sized vectors as in unsharded data parallelism (`full`): `itd`'s replay on a sharded
-  level, and a pass in which a sharded level is differentiated against (a source of a path).
+  equals the unsharded program's (for `itd`, one process's: see `mlo.shards`). Two passes
+  still gather the full parameters once, with full-sized vectors as in unsharded data
+  parallelism (`full`): `itd` with a clipped update, and a pass in which a sharded level is
+  differentiated against (a source of a path).
 
 Measured (`python -m benchmarks.memory_per_rank`, a 19.7M-parameter lower level on 2 gloo
 ranks): a rank's peak of tensors (held + pass) is 0.46× the unsharded ranks' for `aid_fd`,

@@ -24,8 +24,12 @@ Memory of a pass: the shards and shard-sized vectors, the parameters of one unit
 the forward pass, and what autograd saves (a pass that differentiates the level's parameters
 twice keeps each unit's gathered weights in its graph, as it keeps the activations).
 
-`itd` on a sharded level, and passes where a sharded level is itself differentiated against
-(a source of a path), still gather the full parameters once (`mlo.sharding`).
+`itd` on shards replays the window's steps with the gradient each real step applied (the
+ranks' mean): its hypergradient is that of the global batch's unroll, as in one process, where
+unsharded data parallelism averages each rank's own unroll (`mlo.distributed`). Two passes
+still gather the full parameters once (`mlo.sharding`): `itd` with a clipped update (its rule
+takes the gradient's norm) and a pass in which a sharded level is itself differentiated against
+(a source of a path).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def shard(full, rank):
 
 
 def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False,
-                device="cpu"):
+                device="cpu", clip=None):
     """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
     per-feature scales from validation data."""
     mlo.registry.clear()
@@ -53,7 +53,7 @@ def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=Fal
     # aid_cg accumulates 2 micro-batches per step, aid_neumann clips the (sharded) gradient
     @mlo.level(module=net, optimizer=optimizer, data=train, shard=sharded, name="inner",
                unroll=unroll, grad_accum=2 if method == "aid_cg" else 1,
-               clip_grad=0.05 if method == "aid_neumann" else None)
+               clip_grad=0.05 if method == "aid_neumann" else clip)
     def inner(batch, module, outer):
         x, y = batch
         return ((module(x * outer().exp()) - y) ** 2).mean()
@@ -84,11 +84,14 @@ def _full(p):
 def sharded_runs(rank):
     train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
     runs = {method: run_program(method, train, val) for method in METHODS}
-    # unrolls of 2 Adam steps, replayed (and recomputed): each rank differentiates its own
-    # batches, so the reference is the unsharded program on the same 2 ranks
+    # unrolls of 2 Adam steps, replayed (and recomputed) on shards: the unroll of the global
+    # batch, as in one process (unsharded data parallelism averages each rank's own unroll)
     for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
-        for sharded in (True, False):
-            runs[name, sharded] = run_program(method, train, val, sharded, unroll=2, adam=True)
+        runs[name] = run_program(method, train, val, unroll=2, adam=True)
+    # a clipped update gathers the parameters whole (its rule takes the gradient's norm), with
+    # each rank's own unroll, as unsharded data parallelism does
+    for sharded in (True, False):
+        runs["clipped", sharded] = run_program("itd", train, val, sharded, unroll=2, clip=0.05)
     for sharded in (True, False):  # running statistics: each rank its own, as without sharding
         runs["norm", sharded] = run_program("aid_fd", train, val, sharded, norm=True)
     return runs
@@ -135,7 +138,12 @@ def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_
         assert torch.allclose(ranks[0]["params"], single["params"], atol=1e-10, rtol=0), method
         assert torch.allclose(ranks[0]["outputs"], single["outputs"], atol=1e-10, rtol=0), method
         assert not torch.allclose(single["params"][-5:], torch.zeros(5, dtype=torch.float64))
-    for name in ("itd2", "recompute2", "norm"):
+    for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
+        single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH), unroll=2,
+                             adam=True)
+        assert results[0][name]["kinds"] == ["DTensor"]
+        assert torch.allclose(results[0][name]["params"], single["params"], atol=1e-10, rtol=0)
+    for name in ("clipped", "norm"):
         sharded, unsharded = results[0][name, True], results[0][name, False]
         assert sharded["kinds"] == ["DTensor"] and unsharded["kinds"] == ["Parameter", "Tensor"]
         assert torch.allclose(sharded["params"], unsharded["params"], atol=1e-6, rtol=0), name
