@@ -6,8 +6,8 @@ all-reduce after it (gloo on CPU).
 Each of 2 forked ranks trains a Meta-Weight-Net program (lower level an MLP 784-1024-1024-10, about
 1.9M parameters; upper level a 1-100-1 weighting net, `aid_fd`) on random data, first with
 `GradientReducer` (the default under a process group), then with the program's reducers removed,
-which makes it average each level's gradient in one flat all-reduce after its backward pass (the
-behaviour before the reducer). Prints a markdown table of the median step time per rank 0.
+which makes it average each level's gradient after its backward pass (`mlo.distributed.average`:
+here one all-reduce, the gradients being one bucket; the behaviour before the reducer). Prints a markdown table of the median step time per rank 0.
 """
 
 from __future__ import annotations

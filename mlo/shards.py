@@ -135,12 +135,17 @@ def gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
     return _remember(_Gather.apply(part, at), part, at)
 
 
-_SOURCES: dict = {}  # storage address of a gathered parameter alive -> (weak ref, shard, layout)
+_SOURCES: dict = {}  # address of a gathered parameter's storage, while alive -> (shard, layout)
 
 
 def _remember(whole: torch.Tensor, part, at) -> torch.Tensor:
-    key = whole.untyped_storage().data_ptr()
-    _SOURCES[key] = (weakref.ref(whole, lambda _, key=key: _SOURCES.pop(key, None)), part, at)
+    """Note that `whole`'s storage is `part` gathered, until that storage is freed (a storage's
+    Python object lives exactly as long as the storage: autograd may keep the storage through
+    another tensor object than `whole`)."""
+    storage = whole.untyped_storage()
+    key = storage.data_ptr()
+    _SOURCES[key] = (part, at)
+    weakref.finalize(storage, _SOURCES.pop, key, None)
     return whole
 
 
@@ -158,10 +163,9 @@ def _pack(tensor: torch.Tensor):
         source = _SOURCES.get(tensor.untyped_storage().data_ptr())
     except RuntimeError:  # no storage of its own
         return tensor
-    if source is None or source[0]() is None or fwAD.unpack_dual(tensor).tangent is not None:
+    if source is None or fwAD.unpack_dual(tensor).tangent is not None:
         return tensor  # (a dual tensor keeps its tangent: forward-over-reverse products)
-    return _Regather(source[1], source[2],
-                     (tensor.size(), tensor.stride(), tensor.storage_offset()))
+    return _Regather(*source, (tensor.size(), tensor.stride(), tensor.storage_offset()))
 
 
 def _unpack(packed) -> torch.Tensor:
