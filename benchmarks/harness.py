@@ -183,14 +183,21 @@ class LiveBytes(TorchDispatchMode):
     """Track the bytes of tensor storages created by operators and still alive; keep the peak.
 
     Exact for tensors (not allocator caches or fragmentation); storages alive before the mode
-    starts (parameters, data) are not counted. An operator whose schema says it returns an alias
+    starts (parameters, data) are not counted, except the `held` storages: those count as live
+    from the start until they are freed (a gradient set to None and made again during the
+    measured step is then counted once). An operator whose schema says it returns an alias
     of an input (a view, `detach`, an in-place or `out=` operator, a collective) creates no
     storage, so its outputs are not counted: otherwise a view or in-place update of a parameter
     would count the parameter's storage as new."""
 
-    def __init__(self):
+    def __init__(self, held=()):
         super().__init__()
         self.live, self.peak, self._seen = 0, 0, set()
+        for storage in held:
+            self._seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._free, storage.data_ptr(), storage.nbytes())
+        self.peak = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

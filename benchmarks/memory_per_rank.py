@@ -14,12 +14,13 @@ for real steps, averaged vectors in the hypergradient. Each configuration runs i
 (two forked ranks for two, gloo, file rendezvous), with one torch thread per rank. Per rank, after
 one warm-up outer step (`unroll` lower steps and one upper step): the median wall time of `--steps`
 outer steps (ranks meet at a barrier before each), then one more outer step measured twice at once:
-the peak bytes of tensor storages created during it and alive together (`harness.LiveBytes`, exact;
-parameters, data and anything alive before the step are not counted) and the peak resident set size
-above the one at its start (`harness.PeakMemory`; it also counts allocator caches and, under two
-ranks, gloo's buffers). "Held at step start" is the bytes of both levels' parameters, gradients
-and optimizer state on the rank when that step starts (for a sharded level its shards), so held +
-peak tensor memory is the rank's peak of those tensors. FSDP2 gathers a unit's parameters into
+the peak bytes of tensor storages alive together during it (`harness.LiveBytes`, exact) and the
+peak resident set size above the one at its start (`harness.PeakMemory`; it also counts allocator
+caches and, under two ranks, gloo's buffers). "Held at step start" is the bytes of both levels'
+parameters, gradients and optimizer state on the rank when that step starts (for a sharded level
+its shards); they count as alive until freed (a gradient set to None and made again by the step
+counts once), data and anything else alive before the step not at all. "Peak tensor memory" is
+the peak above what is held, so held + peak is the rank's peak of those tensors. FSDP2 gathers a unit's parameters into
 storage it resizes in place, which the tensor count does not see (one or two of the 20 layers at
 a time, 4 MiB each here); the RSS columns do. `--checkpointing no` leaves out the activation
 checkpointing rows, `--no-shard` the sharded ones.
@@ -109,7 +110,8 @@ def measure(method: str, recompute: bool, ranks: int, args, sharded: bool = Fals
         start = time.perf_counter()
         outer_step()
         times.append(time.perf_counter() - start)
-    held = held_bytes(program)
+    storages = held_storages(program)
+    held = sum(storage.nbytes() for storage in storages)
     rss = PeakMemory("cpu")
     rss.start()
     base = rss.base
@@ -121,9 +123,9 @@ def measure(method: str, recompute: bool, ranks: int, args, sharded: bool = Fals
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
     else:
-        with LiveBytes() as tensors:
+        with LiveBytes(held=storages) as tensors:  # what is held counts until it is freed
             outer_step()
-        peak = tensors.peak
+        peak = tensors.peak - held
     return {"tensor_mb": peak / 2 ** 20, "rss_mb": rss.stop(), "base_mb": base / 2 ** 20,
             "step_s": statistics.median(times), "held_mb": held / 2 ** 20,
             "parameters": sum(_local(p).numel()
@@ -140,8 +142,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def held_bytes(program: mlo.Program) -> int:
-    """Bytes of the levels' parameters, gradients and optimizer state held on this rank."""
+def held_storages(program: mlo.Program) -> list:
+    """The storages of the levels' parameters, gradients and optimizer state on this rank."""
     tensors = []
     for level in program.levels.values():
         for p in level.module.parameters():
@@ -151,8 +153,8 @@ def held_bytes(program: mlo.Program) -> int:
     storages = {}
     for t in tensors:
         storage = _local(t).untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        storages[storage.data_ptr()] = storage
+    return list(storages.values())
 
 
 def rank_main(rank: int, folder: str, case: tuple, args) -> None:
