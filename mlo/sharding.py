@@ -27,9 +27,10 @@ What is sharded, and when it is gathered:
   differentiated against (a source of a path).
 
 Measured (`python -m benchmarks.memory_per_rank`, a 19.7M-parameter lower level on 2 gloo
-ranks): a rank's peak of tensors (held + pass) is 0.46× the unsharded ranks' for `aid_fd`,
-0.58× for `aid_cg` and 0.89× for `itd`, whose recorded graph keeps every unrolled step's
-gathered weights.
+ranks): a rank's peak of tensors (held + pass) is 0.51× the unsharded ranks' for `aid_fd`,
+0.59× for `aid_cg` and 0.63× for `itd`, whose second-order backward passes keep one full-sized
+gradient buffer per layer (each weight is read there twice, and autograd adds both
+contributions up before the reduce-scatter) and the recorded graph's activations.
 
 Checkpoints are per rank (as for data parallelism): each rank saves its own shards (local tensors
 with the global shape) and resumes them on as many ranks. A level is sharded when a `Program` is
