@@ -84,11 +84,11 @@ class Costs:
             return self._accumulate_own(level, batch, precision)
         reads = self._reads[level.name]
         # a sharded level read here runs on its shards: the gradient to them is v's shard
-        gathered = {low: sharding.leaves(self.levels[low]) for low in reads if low in self._sharded}
-        params = {low: gathered.get(low) or self.levels[low].named_parameters() for low in reads}
-        if gathered:  # the sharded module itself would give no gradient to `gathered`
-            with sharding.calls(self.levels[low] for low in gathered) as called:
-                loss, metrics = self._cost(level, batch, gathered, real=True)
+        leaves = {low: sharding.leaves(self.levels[low]) for low in reads if low in self._sharded}
+        params = {low: leaves.get(low) or self.levels[low].named_parameters() for low in reads}
+        if leaves:  # the sharded module itself would give no gradient to `leaves`
+            with sharding.calls(self.levels[low] for low in leaves) as called:
+                loss, metrics = self._cost(level, batch, leaves, real=True)
             sharding.refuse(called, self.global_step, level)
         else:
             loss, metrics = self._cost(level, batch, {})
@@ -108,9 +108,8 @@ class Costs:
         if reducer is not None:
             grads = reducer.reduced(grads[:len(own)]) + list(grads[len(own):])
         direct_reads = _split(grads[len(own):], params, 1.0 / precision.scale) if reads else {}
-        # free the gathered parameters of sharded levels (the graph's leaves hold them too)
-        # before the hypergradient gathers them again
-        params = gathered = inputs = loss = scaled = None
+        # free what the graph of this pass holds before the hypergradient's passes
+        params = leaves = inputs = loss = scaled = None
         overflow = precision.scaler is not None and not all_finite(direct_reads)
         hyper = self._hypergradient(level.name, direct_reads) if edges and not overflow else {}
         if hyper and reducer is not None:  # the reducer's hooks never see a hypergradient

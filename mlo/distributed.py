@@ -22,9 +22,9 @@ the module in `DistributedDataParallel`: a cost reaches its module through a han
 a submodule or a method, never the wrapper's forward) and the direct gradient is taken with
 `torch.autograd.grad` together with the gradient to the lower levels' solutions; DDP's reducer
 sees neither, tensor hooks see both. Hypergradient passes run on detached copies of the
-parameters, which carry no hooks, and are averaged explicitly. ITD replays each rank's own recorded batches: under data parallelism its
-hypergradient is the mean of the ranks' unrolls, not the unroll of the global batch (on a
-sharded level it is the global batch's: `mlo.shards`).
+parameters, which carry no hooks, and are averaged explicitly. ITD replays each rank's own
+recorded batches: under data parallelism its hypergradient is the mean of the ranks' unrolls,
+not the unroll of the global batch (on a sharded level it is the global batch's: `mlo.shards`).
 
 A level declared `shard=True` is sharded with FSDP2 instead (`mlo.sharding`): its parameters
 are broadcast before sharding, and FSDP2 reduce-scatters its gradient, so it has no

@@ -163,7 +163,8 @@ class Handle:
                                           if k.startswith(prefix))
         # reached otherwise (a slice of a Sequential, a property): match parameters by identity
         names = {id(p): k for k, p in self._module.named_parameters()}
-        return type(self._params)((k, self._params[names[id(p)]]) for k, p in child.named_parameters()
+        return type(self._params)((k, self._params[names[id(p)]])
+                                  for k, p in child.named_parameters()
                                   if names.get(id(p)) in self._params)
 
     def __dir__(self):

@@ -28,8 +28,9 @@ def cg(matvec: Callable[[Params], Params], b: Params, iters: int = 10, damping: 
     `dot` is the inner product of two vectors (default: the sum of their entries' products; for
     vectors split over ranks, one that adds the ranks' parts). Cost: `iters` calls of `matvec`;
     memory: b, the three iterates and one product (updated in place, `b` left as it is). Exact
-    after n iterations for an n-dimensional A (in exact arithmetic); once the residual vanishes later iterations change nothing. On an indefinite A
-    it runs the same recurrence (no safeguard beyond `damping`), as plain CG does.
+    after n iterations for an n-dimensional A (in exact arithmetic); once the residual vanishes
+    later iterations change nothing. On an indefinite A it runs the same recurrence (no
+    safeguard beyond `damping`), as plain CG does.
 
     >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
     >>> x = cg(lambda v: {"w": A @ v["w"]}, {"w": torch.tensor([1.0, 0.0])}, iters=2)

@@ -19,7 +19,8 @@ STEPS, BATCH = 4, 6
 # CG past convergence (10 iterations on these 29 parameters) amplifies rounding to 1e-6; aid_fd's
 # forward-over-reverse product and its central difference run on shards too
 HYPERGRADS = {"itd": "itd", "aid_cg": mlo.hypergrad.aid_cg(iters=3), "aid_neumann": "aid_neumann",
-              "aid_fd": "aid_fd", "sama": "sama", "aid_fd_forward": mlo.hypergrad.aid_fd(mode="forward"),
+              "aid_fd": "aid_fd", "sama": "sama",
+              "aid_fd_forward": mlo.hypergrad.aid_fd(mode="forward"),
               "aid_fd_central": mlo.hypergrad.aid_fd(exact=False)}
 METHODS = tuple(HYPERGRADS)
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(os, "fork"),
