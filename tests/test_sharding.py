@@ -229,6 +229,89 @@ def test_derivatives_on_shards_are_the_data_parallel_ones(tmp_path):
         assert result["shards"]["grad"].abs().max() > 0
 
 
+class Blocks(nn.Module):
+    """Parameters of the module itself (`inp`, `out`), units (the ModuleList's blocks) and units
+    inside units (each block's Linear layers); odd sizes leave some shards short or empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 3)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+                                    for _ in range(2))
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+def blocks_program(train, val):
+    """`Blocks` (sharded) learning from inputs rescaled by the outer level, by `aid_cg`."""
+    mlo.registry.clear()
+    torch.manual_seed(0)
+    net = Blocks().double()
+    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), shard=True,
+               data=train, name="inner")
+    def inner(batch, module, outer):
+        x, y = batch
+        return ((module(x * outer().exp()) - y) ** 2).mean()
+
+    @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), name="outer",
+               data=val, hypergrad=mlo.hypergrad.aid_cg(iters=3))
+    def outer(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    program = mlo.Program(inner, outer)
+    return program, lambda: torch.cat([_full(p).ravel() for p in net.parameters()]
+                                      + [scales.detach()])
+
+
+def nested_units(rank):
+    """Calls on shards of the whole module, of a unit, of a unit inside a unit and of a module the
+    root owns, against the same calls on the whole parameters; gradients to the shards against the
+    ranks' mean of the whole gradients; then the program's steps."""
+    program, params_now = blocks_program(shard(batches(1, 2 * BATCH), rank),
+                                         shard(batches(2, 2 * BATCH), rank))
+    level = program.levels["inner"]
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    h = torch.randn(4, 3, dtype=torch.float64)
+    local = mlo.sharding.leaves(level)
+    whole = {k: t.detach().requires_grad_() for k, t in mlo.sharding.full(
+        {k: p.detach() for k, p in level.named_parameters().items()}).items()}
+    out = {}
+    for name, params in (("shards", local), ("whole", whole)):
+        handle = mlo.handle.Handle(level, params)
+        calls = [handle(x), handle.blocks[0](h), handle.blocks[1][2](h), handle.inp(x)]
+        grads = torch.autograd.grad(sum(c.pow(2).sum() for c in calls), list(params.values()))
+        grads = dict(zip(params, grads))
+        if name == "whole":
+            grads = mlo.shards.part(level, mlo.distributed.average(grads))
+        out[name] = {"calls": torch.cat([c.detach().ravel() for c in calls]),
+                     "grads": torch.cat([g.ravel() for g in grads.values()])}
+    for _ in range(STEPS):
+        program.step()
+    out["params"] = params_now()
+    return out
+
+
+def test_units_inside_units_and_parameters_of_the_module_itself(tmp_path):
+    results = forked(nested_units, tmp_path, timeout=60.0)
+    for result in results:
+        assert torch.allclose(result["shards"]["calls"], result["whole"]["calls"], atol=1e-12,
+                              rtol=0)
+        assert torch.allclose(result["shards"]["grads"], result["whole"]["grads"], atol=1e-12,
+                              rtol=0)
+    program, params_now = blocks_program(batches(1, 2 * BATCH), batches(2, 2 * BATCH))
+    for _ in range(STEPS):
+        program.step()
+    assert torch.allclose(results[0]["params"], params_now(), atol=1e-10, rtol=0)
+
+
 def checkpointed(rank, folder):
     """An uninterrupted 8-step run of a sharded level (Adam, dropout, unroll 2 under itd), then
     5 steps with checkpoints and a resume to 8 from the last one, inside an unroll window."""
