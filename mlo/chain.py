@@ -62,7 +62,10 @@ class ChainRule:
             if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
             inner = window.params
-            losses = [self._closure(level, b, rng) for b, rng in zip(window.batches, window.rng)]
+            # under data parallelism each replayed step takes the ranks' mean gradient, as the
+            # real step did: the unroll of the global batch (mlo.distributed.replicated)
+            losses = [self._closure(level, b, rng, replicated=self._parallel)
+                      for b, rng in zip(window.batches, window.rng)]
             context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
                            state=window.state)
             if method.option("recompute"):  # the real steps' values: no forward replay
@@ -118,14 +121,16 @@ class ChainRule:
                               for o in optimizers]
 
     def _closure(self, level: Level, batches: list, rng: dict | None = None,
-                 on_shards: bool = False):
+                 on_shards: bool = False, replicated: bool = False):
         """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name);
         with `rng`, a recorded step's generator state, its random draws are the step's;
-        `on_shards`: `inner` is this rank's shards of a sharded level (`mlo.shards`)."""
+        `on_shards`: `inner` is this rank's shards of a sharded level (`mlo.shards`);
+        `replicated`: the gradient to `inner` is the ranks' mean (`distributed.replicated`)."""
         device = level_device(level)
 
         def cost(inner, outer):
-            params = {level.name: shards.Shards(inner) if on_shards else inner}
+            params = {level.name: shards.Shards(inner) if on_shards
+                      else distributed.replicated(inner) if replicated else inner}
             for (src, key), t in outer.items():
                 params.setdefault(src, {})[key] = t
             with replaying(rng, device):

@@ -23,8 +23,8 @@ a submodule or a method, never the wrapper's forward) and the direct gradient is
 `torch.autograd.grad` together with the gradient to the lower levels' solutions; DDP's reducer
 sees neither, tensor hooks see both. Hypergradient passes run on detached copies of the
 parameters, which carry no hooks, and are averaged explicitly. ITD replays each rank's own
-recorded batches: under data parallelism its hypergradient is the mean of the ranks' unrolls,
-not the unroll of the global batch (on a sharded level it is the global batch's: `mlo.shards`).
+recorded batches, each step with the ranks' mean gradient as its real step took it
+(`replicated`): its hypergradient is that of the global batch's unroll, as in one process.
 
 A level declared `shard=True` is sharded with FSDP2 instead (`mlo.sharding`): its parameters
 are broadcast before sharding, and FSDP2 reduce-scatters its gradient, so it has no
@@ -143,6 +143,43 @@ def _average_bucket(bucket: list) -> None:
             for t in bucket:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def replicated(tensors: dict) -> dict:
+    """`tensors` (parameters every rank holds equal) as the input of this rank's cost, whose
+    gradient is the ranks' mean: each is passed on as it is, and the gradient to it comes back
+    all-reduced and averaged, differentiably (the gradient of that gradient is averaged too, so
+    Hessian-vector products are the ranks' mean). A function of them, differentiated in the
+    usual way, then has the data-parallel derivatives of the global batch: `itd` replays its
+    window through it, so each replayed step takes the gradient the real step applied."""
+    return {k: _Replicated.apply(t) for k, t in tensors.items()}
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity; backward: the gradient averaged over ranks (`_Mean`)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Mean.apply(grad)
+
+
+class _Mean(torch.autograd.Function):
+    """The mean over ranks; backward: the gradient passed on (`_Replicated`), each rank's share
+    of a later mean over ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.detach().clone()
+        _collective(dist.all_reduce, out)
+        return out.div_(world_size())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Replicated.apply(grad)
 
 
 def average_grads(parameters) -> None:

@@ -25,8 +25,8 @@ the forward pass, and what autograd saves (a pass that differentiates the level'
 twice keeps each unit's gathered weights in its graph, as it keeps the activations).
 
 `itd` on shards replays the window's steps with the gradient each real step applied (the
-ranks' mean): its hypergradient is that of the global batch's unroll, as in one process, where
-unsharded data parallelism averages each rank's own unroll (`mlo.distributed`). Two passes
+ranks' mean): its hypergradient is that of the global batch's unroll, as in one process (and
+as under unsharded data parallelism, `mlo.distributed.replicated`). Two passes
 still gather the full parameters once (`mlo.sharding`): `itd` with a clipped update (its rule
 takes the gradient's norm) and a pass in which a sharded level is itself differentiated against
 (a source of a path).

@@ -27,14 +27,14 @@ def batches(seed, size):
     return [(x[i], x[i] @ torch.linspace(0.1, 0.5, 5, dtype=torch.float64)[:, None]) for i in range(STEPS)]
 
 
-def run_program(method, train, val):
+def run_program(method, train, val, unroll=1):
     """Bilevel per-feature weight decay: the inner level fits, the outer learns the decay."""
     torch.manual_seed(0)
     net = nn.Linear(5, 1).double()
     decay = nn.Parameter(torch.zeros(5, dtype=torch.float64))
 
     @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.5),
-               data=train, name="inner")
+               data=train, name="inner", unroll=unroll)
     def inner(batch, module, outer):
         x, y = batch
         return ((module(x) - y) ** 2).mean() + (outer().exp() * module.params["weight"][0] ** 2).sum()
@@ -46,7 +46,7 @@ def run_program(method, train, val):
         return ((inner(x) - y) ** 2).mean()
 
     program = mlo.Program(inner, outer)
-    for _ in range(STEPS):
+    for _ in range(STEPS * unroll):
         program.step()
     return torch.cat([net.weight.detach().ravel(), net.bias.detach(), decay.detach()])
 
@@ -59,18 +59,25 @@ def equal_updates(rank, methods):
     results = {}
     for method in methods:
         train, val = batches(1, 2 * BATCH), batches(2, 2 * BATCH)
-        results[method] = run_program(method, shard(train, rank), shard(val, rank))
+        name, unroll = UNROLLED.get(method, (method, 1))
+        results[method] = run_program(name, shard(train, rank), shard(val, rank), unroll)
     loader = DataLoader(TensorDataset(torch.arange(12)), batch_size=2, shuffle=True)
     stream = Stream(loader, "level")
     results["samples"] = torch.cat([stream.next(0)[0] for _ in range(6)])  # 2 epochs of 3 batches
     return results
 
 
+# itd over 2 steps: each rank replays its window with the ranks' mean gradient, as its real
+# steps took, so the unroll is the global batch's
+UNROLLED = {"itd2": ("itd", 2)}
+
+
 def test_two_ranks_equal_one_process_with_concatenated_batches(tmp_path):
-    methods = ["aid_fd", "aid_cg", "aid_neumann", "sama"]
+    methods = ["aid_fd", "aid_cg", "aid_neumann", "sama", "itd2"]
     results = forked(equal_updates, tmp_path, methods)
     for method in methods:
-        single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH))
+        name, unroll = UNROLLED.get(method, (method, 1))
+        single = run_program(name, batches(1, 2 * BATCH), batches(2, 2 * BATCH), unroll)
         ranks = [result[method] for result in results]
         assert torch.equal(ranks[0], ranks[1]), method  # every rank applied identical updates
         assert torch.allclose(ranks[0], single, atol=1e-6, rtol=0), method

@@ -86,11 +86,13 @@ def sharded_runs(rank):
     train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
     runs = {method: run_program(method, train, val) for method in METHODS}
     # unrolls of 2 Adam steps, replayed (and recomputed) on shards: the unroll of the global
-    # batch, as in one process (unsharded data parallelism averages each rank's own unroll)
+    # batch, as in one process
     for name, method in (("itd2", "itd"), ("recompute2", mlo.hypergrad.itd(recompute=True))):
         runs[name] = run_program(method, train, val, unroll=2, adam=True)
-    # a clipped update gathers the parameters whole (its rule takes the gradient's norm), with
-    # each rank's own unroll, as unsharded data parallelism does
+        # unsharded data parallelism too: each rank replays with the ranks' mean gradient
+        runs[name, "unsharded"] = run_program(method, train, val, False, unroll=2, adam=True)
+    # a clipped update gathers the parameters whole (its rule takes the gradient's norm), as
+    # unsharded data parallelism does
     for sharded in (True, False):
         runs["clipped", sharded] = run_program("itd", train, val, sharded, unroll=2, clip=0.05)
     for sharded in (True, False):  # running statistics: each rank its own, as without sharding
@@ -144,6 +146,8 @@ def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_
                              adam=True)
         assert results[0][name]["kinds"] == ["DTensor"]
         assert torch.allclose(results[0][name]["params"], single["params"], atol=1e-10, rtol=0)
+        assert torch.allclose(results[0][name, "unsharded"]["params"], single["params"],
+                              atol=1e-10, rtol=0)
     for name in ("clipped", "norm"):
         sharded, unsharded = results[0][name, True], results[0][name, False]
         assert sharded["kinds"] == ["DTensor"] and unsharded["kinds"] == ["Parameter", "Tensor"]
