@@ -3,7 +3,9 @@ batches; faults stop every rank promptly; checkpoints resume per rank."""
 
 import datetime
 import os
+import pathlib
 import re
+import tempfile
 import time
 
 import pytest
@@ -93,7 +95,11 @@ def test_two_ranks_equal_one_process_with_concatenated_batches(tmp_path):
 # -- faults: every rank fails, promptly, naming the rank, the level and the step ------------------
 
 def forked(body, tmp_path, *args, timeout=20.0, group_timeout=10.0):
-    """Run `body(rank, *args)` on 2 forked gloo ranks; return what each returned (or raised)."""
+    """Run `body(rank, *args)` on 2 forked gloo ranks; return what each returned (or raised).
+
+    Each call rendezvous through a file of its own: a second group started on the file of a first
+    one reads the first group's stale addresses and fails to connect ("Connection refused")."""
+    tmp_path = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))
     context = mp.get_context("fork")
     processes = [context.Process(target=_rank_main, args=(
         rank, body, str(tmp_path / "init"), str(tmp_path / f"out-{rank}.pt"), group_timeout, args))
