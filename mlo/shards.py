@@ -1,9 +1,9 @@
 """Passes on shards: a sharded level's hypergradient passes without its full parameters.
 
 A sharded level (`shard=True`, `mlo.sharding`) holds 1/N of its parameters on each rank. The
-passes that read it functionally (an upper level's direct gradient, `aid_cg`/`aid_neumann`'s
-Hessian-vector products, `aid_fd`/`sama`, frozen reads) run here on this rank's shards, as
-FSDP2 runs the level's real steps:
+passes that read it functionally (an upper level's direct gradient, `itd`'s replay,
+`aid_cg`/`aid_neumann`'s Hessian-vector products, `aid_fd`/`sama`, frozen reads) run here on
+this rank's shards, as FSDP2 runs the level's real steps:
 
 - **Values** are `Shards`: a dict of this rank's local shards (plain tensors, rows of dim 0 as
   FSDP2 splits them), what a method differentiates and what its vectors (v, CG's iterates, the
@@ -11,8 +11,9 @@ FSDP2 runs the level's real steps:
   (`dot`) add the ranks' parts.
 - **The module** runs as its unsharded twin, each FSDP2 unit (a child of an `nn.Sequential` or
   `nn.ModuleList`, and the module itself for the rest) gathering its own parameters when it is
-  called (`gather`, one all-gather per parameter) and dropping them when it returns; autograd
-  keeps what its backward pass reads, as for any other tensor.
+  called (`gather`, one all-gather per parameter) and dropping them when it returns. Where
+  autograd saves a gathered parameter for a backward pass, it keeps the shard and gathers again
+  when that pass reads it (`regathered`), as FSDP2 regathers a unit for its backward pass.
 - **Gradients** to a shard come back reduce-scattered and averaged over ranks (`gather`'s
   backward pass): the gradient of the mean of the ranks' costs, the data-parallel gradient,
   with no further all-reduce. Its backward pass in turn gathers, so Hessian-vector products
@@ -20,9 +21,10 @@ FSDP2 runs the level's real steps:
   like values (`aid_fd`'s forward-over-reverse product). Parameters of the upper level
   (replicated) get each rank's part, averaged over ranks where data parallelism averages them.
 
-Memory of a pass: the shards and shard-sized vectors, the parameters of one unit at a time in
-the forward pass, and what autograd saves (a pass that differentiates the level's parameters
-twice keeps each unit's gathered weights in its graph, as it keeps the activations).
+Memory of a pass: the shards and shard-sized vectors, the parameters of one unit at a time,
+and what autograd saves besides them (activations). A second-order backward pass also holds a
+whole-sized gradient buffer per parameter that it reads twice (autograd adds both contributions
+up before the reduce-scatter), as an unsharded pass does.
 
 `itd` on shards replays the window's steps with the gradient each real step applied (the
 ranks' mean): its hypergradient is that of the global batch's unroll, as in one process (and
