@@ -152,34 +152,26 @@ def replicated(tensors: dict) -> dict:
     Hessian-vector products are the ranks' mean). A function of them, differentiated in the
     usual way, then has the data-parallel derivatives of the global batch: `itd` replays its
     window through it, so each replayed step takes the gradient the real step applied."""
-    return {k: _Replicated.apply(t) for k, t in tensors.items()}
+    return {k: _Replicated.apply(t, False) for k, t in tensors.items()}
 
 
 class _Replicated(torch.autograd.Function):
-    """Identity; backward: the gradient averaged over ranks (`_Mean`)."""
+    """The identity, or (`averaging`) the mean over ranks; the backward pass of either is the
+    other: a gradient to a replicated tensor is averaged, and a gradient to a mean is each
+    rank's share of a later mean."""
 
     @staticmethod
-    def forward(ctx, tensor):
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _Mean.apply(grad)
-
-
-class _Mean(torch.autograd.Function):
-    """The mean over ranks; backward: the gradient passed on (`_Replicated`), each rank's share
-    of a later mean over ranks."""
-
-    @staticmethod
-    def forward(ctx, tensor):
+    def forward(ctx, tensor, averaging):
+        ctx.averaging = averaging
+        if not averaging:
+            return tensor.view_as(tensor)
         out = tensor.detach().clone()
         _collective(dist.all_reduce, out)
         return out.div_(world_size())
 
     @staticmethod
     def backward(ctx, grad):
-        return _Replicated.apply(grad)
+        return _Replicated.apply(grad, not ctx.averaging), None
 
 
 def average_grads(parameters) -> None:

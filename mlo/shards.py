@@ -70,11 +70,6 @@ def layout(param) -> Layout:
     return Layout(mesh.get_group(), rows, -(-rows // world), world, mesh.get_local_rank())
 
 
-def local(tree):
-    """`tree` (a dict of tensors) with every DTensor as this rank's local shard (a view)."""
-    return Shards({k: t.to_local() if hasattr(t, "device_mesh") else t for k, t in tree.items()})
-
-
 def _all_gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
     with torch._C.DisableTorchFunction():  # collective plumbing, not an operation of the cost
         rows = part.shape[0]
@@ -95,38 +90,23 @@ def _reduce_scatter(whole: torch.Tensor, at: Layout) -> torch.Tensor:
         return out[:at.local_rows()]
 
 
-class _Gather(torch.autograd.Function):
-    """Shard → whole parameter; backward: the gradients of the ranks, averaged and split."""
+class _Exchange(torch.autograd.Function):
+    """Shard → whole parameter (an all-gather, `gathering`), or whole gradient → this rank's
+    shard of the ranks' mean (a reduce-scatter); the backward pass of either is the other, and a
+    tangent goes the way of the value."""
 
     @staticmethod
-    def forward(ctx, part, at):
-        ctx.at = at
-        return _all_gather(part, at)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _Scatter.apply(grad, ctx.at), None
-
-    @staticmethod
-    def jvp(ctx, tangent, _):
-        return _all_gather(tangent, ctx.at)
-
-
-class _Scatter(torch.autograd.Function):
-    """Whole gradient → this rank's shard of the ranks' mean; backward: gathered again."""
-
-    @staticmethod
-    def forward(ctx, whole, at):
-        ctx.at = at
-        return _reduce_scatter(whole, at)
+    def forward(ctx, tensor, at, gathering):
+        ctx.at, ctx.gathering = at, gathering
+        return (_all_gather if gathering else _reduce_scatter)(tensor, at)
 
     @staticmethod
     def backward(ctx, grad):
-        return _Gather.apply(grad, ctx.at), None
+        return _Exchange.apply(grad, ctx.at, not ctx.gathering), None, None
 
     @staticmethod
-    def jvp(ctx, tangent, _):
-        return _reduce_scatter(tangent, ctx.at)
+    def jvp(ctx, tangent, *_):
+        return (_all_gather if ctx.gathering else _reduce_scatter)(tangent, ctx.at)
 
 
 def gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
@@ -134,7 +114,7 @@ def gather(part: torch.Tensor, at: Layout) -> torch.Tensor:
     gradient to `part` is the ranks' gradients averaged (reduce-scatter), a tangent of `part`
     gathers like its value. Where autograd saves it for a backward pass (under `regathered`),
     it keeps the shard and gathers again when the backward pass reads it."""
-    return _remember(_Gather.apply(part, at), part, at)
+    return _remember(_Exchange.apply(part, at, True), part, at)
 
 
 _SOURCES: dict = {}  # address of a gathered parameter's storage, while alive -> (shard, layout)
@@ -151,12 +131,13 @@ def _remember(whole: torch.Tensor, part, at) -> torch.Tensor:
     return whole
 
 
-class _Regather:
-    """A saved whole parameter (or a view of it), kept as its shard and the view's geometry."""
+class _Shard:
+    """A parameter kept as this rank's shard: pending in a slot of the twin until the unit that
+    owns it is called, or saved for a backward pass (with the geometry of the saved view)."""
 
     __slots__ = ("part", "at", "geometry")
 
-    def __init__(self, part, at, geometry):
+    def __init__(self, part, at, geometry=None):
         self.part, self.at, self.geometry = part, at, geometry
 
 
@@ -167,11 +148,11 @@ def _pack(tensor: torch.Tensor):
         return tensor
     if source is None or fwAD.unpack_dual(tensor).tangent is not None:
         return tensor  # (a dual tensor keeps its tangent: forward-over-reverse products)
-    return _Regather(*source, (tensor.size(), tensor.stride(), tensor.storage_offset()))
+    return _Shard(*source, (tensor.size(), tensor.stride(), tensor.storage_offset()))
 
 
 def _unpack(packed) -> torch.Tensor:
-    if not isinstance(packed, _Regather):
+    if not isinstance(packed, _Shard):
         return packed
     whole = _all_gather(packed.part.detach(), packed.at).as_strided(*packed.geometry)
     # autograd links it to its node again; saved again by a second-order pass, a shard again
@@ -195,9 +176,10 @@ def whole(level, shards: dict) -> dict:
 
 def part(level, tensors: dict) -> dict:
     """This rank's part of `tensors` (whole, shaped like `level`'s parameters)."""
+    params = level.named_parameters()
     out = {}
     for k, t in tensors.items():
-        at = layout(level.named_parameters()[k])
+        at = layout(params[k])
         out[k] = t.narrow(0, at.rank * at.chunk, at.local_rows()).clone()
     return out
 
@@ -215,15 +197,6 @@ def dot(level):
     return inner_product
 
 
-class _Pending:
-    """A shard in a slot of the twin, gathered when the unit that owns it is called."""
-
-    __slots__ = ("part", "at")
-
-    def __init__(self, part, at):
-        self.part, self.at = part, at
-
-
 def tensors(sharded: nn.Module, twin: nn.Module, values: Shards, prefix: str, member: bool):
     """What the twin of `sharded` runs with, by name: the parameters in use (`values`) and the
     frozen ones, each a pending shard that its unit gathers when called (`units`), or gathered
@@ -236,7 +209,7 @@ def tensors(sharded: nn.Module, twin: nn.Module, values: Shards, prefix: str, me
         if shard is None:
             continue
         at = layout(p)
-        out[prefix + k] = _Pending(shard, at) if k in below and not member else gather(shard, at)
+        out[prefix + k] = _Shard(shard, at) if k in below and not member else gather(shard, at)
     return out
 
 
@@ -276,7 +249,7 @@ def _install(unit: nn.Module, slots: list) -> None:
         filled = []
         for store, key in slots:
             value = store.get(key)
-            if isinstance(value, _Pending):
+            if isinstance(value, _Shard):
                 store[key] = gather(value.part, value.at)
                 filled.append((store, key, value))
         calls.append(filled)
