@@ -58,13 +58,15 @@ class ChainRule:
         start = self._starts.get(name)
         if start in inputs:  # θ₀ = φ: the window starts from the source's parameters
             context["init"] = lambda outer: {k: outer[(start, k)] for k in level.named_parameters()}
+        on_shards = self._on_shards(name, method, inputs)
         if method.name == "itd":
             if not window.steps and "init" not in context:
                 return {src: {} for src in inputs}
             inner = window.params
             # under data parallelism each replayed step takes the ranks' mean gradient, as the
-            # real step did: the unroll of the global batch (mlo.distributed.replicated)
-            losses = [self._closure(level, b, rng, replicated=self._parallel)
+            # real step did: the unroll of the global batch (mlo.distributed.replicated; on
+            # shards, their gather's backward pass averages)
+            losses = [self._closure(level, b, rng, on_shards, replicated=self._parallel)
                       for b, rng in zip(window.batches, window.rng)]
             context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
                            state=window.state)
@@ -72,32 +74,25 @@ class ChainRule:
                 context["trajectory"] = window.points
         else:
             inner = {k: p.detach() for k, p in level.named_parameters().items()}
-            losses = self._closure(level, [self._last_batch.get(name)])
+            losses = self._closure(level, [self._last_batch.get(name)], on_shards=on_shards)
             if method.name == "sama" and type(level.optimizer).__name__ in SUPPORTED:
                 live = level.named_parameters()
                 optimizer = FunctionalOptimizer.from_optimizer(level.optimizer, live, level=name)
                 context.update(optimizer=optimizer,
                                state=optimizer.state(level.optimizer, live, copy=False))
-        if self._on_shards(name, method, inputs):  # the pass runs on the shards
-            inner = shards.local(inner)
-            losses = [self._closure(level, b, rng, on_shards=True)
-                      for b, rng in zip(window.batches, window.rng)] if method.name == "itd" \
-                else self._closure(level, [self._last_batch.get(name)], on_shards=True)
+        if on_shards:  # the pass runs on this rank's shards
+            inner = shards.Shards(sharding.local(inner))
             context.pop("reduce", None)  # products come back averaged over ranks
             context["dot"] = shards.dot(level)
-            if "state" in context:
-                context["state"] = {k: shards.local(s) for k, s in context["state"].items()}
-            if "trajectory" in context:
-                context["trajectory"] = [None if point is None else (
-                    shards.local(point[0]), {k: shards.local(s) for k, s in point[1].items()})
-                    for point in context["trajectory"]]
+            context.update((k, sharding.local(context[k])) for k in ("state", "trajectory")
+                           if k in context)
         elif self._sharded.intersection((name, *inputs)):  # the pass runs on full parameters
             inner, outer = sharding.full(inner), sharding.full(outer)
             context.update((k, sharding.full(context[k])) for k in ("state", "trajectory")
                            if k in context)
             if name in self._sharded:
                 v = shards.whole(level, v)
-        with shards.regathered() if "dot" in context else contextlib.nullcontext():
+        with shards.regathered() if on_shards else contextlib.nullcontext():
             out = method(losses, inner, outer, v, **context)
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 

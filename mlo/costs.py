@@ -43,7 +43,7 @@ class Costs:
             if values is None and frozen:
                 values = {k: p.detach() for k, p in self.levels[other].named_parameters().items()}
                 if other in self._sharded:
-                    values = shards.local(values)
+                    values = shards.Shards(sharding.local(values))
             kwargs[other] = Handle(self.levels[other], values, real=real)
         with self._precision[level.name].autocast():
             return level.fn(**kwargs)

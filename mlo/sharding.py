@@ -138,6 +138,11 @@ def full(tree):
     return _map_dtensors(lambda t: t.full_tensor(), tree)
 
 
+def local(tree):
+    """`tree` with every DTensor as this rank's local shard (a view, no communication)."""
+    return _map_dtensors(lambda t: t.to_local(), tree)
+
+
 def _map_dtensors(fn, tree):
     """`tree` with `fn` applied to each DTensor in it (dicts, lists and tuples walked)."""
     if isinstance(tree, dict):
