@@ -239,14 +239,21 @@ def checkpointed(rank, folder):
     def params(net, decay):
         return torch.cat([p.detach().ravel() for p in net.parameters()] + [decay.detach()])
 
-    reference, net, decay = program()
+    return interrupted(program, params, folder)[0]
+
+
+def interrupted(program, params, folder):
+    """`program()` (a Program and what `params` reads) run 8 steps without a break, and 5 steps
+    with checkpoints in `folder` every 2 then resumed to 8 from them; returns what to compare
+    ({"expected", "resumed", "step"}) and the resumed Program."""
+    reference, *parts = program()
     reference.run(8, progress=False)
-    expected = params(net, decay)
-    first, net, decay = program()
+    expected = params(*parts)
+    first, *_ = program()
     first.run(5, checkpoint=folder, checkpoint_every=2, progress=False)
-    resumed, net, decay = program()
+    resumed, *parts = program()
     resumed.run(8, checkpoint=folder, checkpoint_every=2, resume=True, progress=False)
-    return {"expected": expected, "resumed": params(net, decay), "step": resumed.global_step}
+    return {"expected": expected, "resumed": params(*parts), "step": resumed.global_step}, resumed
 
 
 def test_checkpoint_of_two_ranks_resumes_on_two_ranks_bit_for_bit(tmp_path, parts):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlo
-from test_distributed import forked
+from test_distributed import forked, interrupted
 
 STEPS, BATCH = 4, 6
 # CG past convergence (10 iterations on these 29 parameters) amplifies rounding to 1e-6; aid_fd's
@@ -343,14 +343,7 @@ def checkpointed(rank, folder):
     def params(net, scales):
         return torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach()])
 
-    reference, net, scales = program()
-    reference.run(8, progress=False)
-    expected = params(net, scales)
-    first, net, scales = program()
-    first.run(5, checkpoint=folder, checkpoint_every=2, progress=False)
-    resumed, net, scales = program()
-    resumed.run(8, checkpoint=folder, checkpoint_every=2, resume=True, progress=False)
-    result = {"expected": expected, "resumed": params(net, scales), "step": resumed.global_step}
+    result, resumed = interrupted(program, params, folder)
     try:
         program(sharded=False)[0].load_state_dict(resumed.state_dict())
     except mlo.CheckpointError as error:
