@@ -22,9 +22,12 @@ this rank's shards, as FSDP2 runs the level's real steps:
   (replicated) get each rank's part, averaged over ranks where data parallelism averages them.
 
 Memory of a pass: the shards and shard-sized vectors, the parameters of one unit at a time,
-and what autograd saves besides them (activations). A second-order backward pass also holds a
-whole-sized gradient buffer per parameter that it reads twice (autograd adds both contributions
-up before the reduce-scatter), as an unsharded pass does.
+and what autograd saves besides them (activations). A second-order backward pass reads a weight
+twice, through the forward pass and through the first-order backward pass; autograd adds both
+contributions up in a whole-sized buffer per weight, held until the pass comes back to the
+layer, before the reduce-scatter (as an unsharded pass holds its gradient). The twin's
+`nn.Linear`s avoid that (`_Linear`): their backward pass gathers the weight in a node of its
+own, so each contribution is reduce-scattered when it arrives; other modules keep the buffer.
 
 `itd` on shards replays the window's steps with the gradient each real step applied (the
 ranks' mean): its hypergradient is that of the global batch's unroll, as in one process (and
@@ -39,9 +42,12 @@ from __future__ import annotations
 import weakref
 from typing import NamedTuple
 
+import types
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -240,6 +246,9 @@ def units(twin: nn.Module, unit_paths: list[str]) -> None:
                 parent, _, key = n.rpartition(".")
                 slots.append((modules[parent]._parameters, key))
         _install(modules[path], slots)
+    for module in modules.values():
+        if type(module) is nn.Linear:  # (a subclass may compute otherwise)
+            module.forward = types.MethodType(_linear, module)
 
 
 def _install(unit: nn.Module, slots: list) -> None:
@@ -260,3 +269,51 @@ def _install(unit: nn.Module, slots: list) -> None:
 
     unit.register_forward_pre_hook(before)
     unit.register_forward_hook(after)
+
+
+def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` of the twin: on the gathered weight and bias as usual, but
+    differentiated through their shards (`_Linear`) where the unit gathered them."""
+    weight, bias = _gathered(module.weight), _gathered(module.bias)
+    if weight is None or (bias is None) != (module.bias is None) \
+            or torch.is_autocast_enabled(x.device.type) or fwAD._current_level >= 0:
+        return F.linear(x, module.weight, module.bias)
+    (w_part, w_at), (b_part, b_at) = weight, bias or (None, None)
+    return _Linear.apply(x, w_part, b_part, module.weight.detach(),
+                         None if bias is None else module.bias.detach(), w_at, b_at)
+
+
+def _gathered(tensor):
+    """(shard, layout) of `tensor` if it is a whole parameter as `gather` returned it, else None."""
+    if tensor is None or tensor.storage_offset() != 0 or not tensor.is_contiguous():
+        return None
+    source = _SOURCES.get(tensor.untyped_storage().data_ptr())
+    if source is None or tensor.shape[0] != source[1].rows:
+        return None
+    return source
+
+
+class _Linear(torch.autograd.Function):
+    """y = x Wᵀ + b, computed with the gathered W and b, differentiated as a function of their
+    shards. Its backward pass gathers W again, in a node of its own: a second-order pass then
+    reduce-scatters what reaches W through the first-order pass's x-gradient at once. Through
+    the forward pass's gathered W (`gather`), autograd would add that to the forward pass's
+    contribution in a whole-sized buffer per layer, held until the second-order pass comes back
+    to the layer."""
+
+    @staticmethod
+    def forward(ctx, x, w_part, b_part, weight, bias, w_at, b_at):
+        ctx.save_for_backward(x, w_part)
+        ctx.at = w_at, b_at
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_part = ctx.saved_tensors
+        w_at, b_at = ctx.at
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ gather(w_part, w_at) if ctx.needs_input_grad[0] else None
+        grad_w = _Exchange.apply(rows.t() @ x.reshape(-1, x.shape[-1]), w_at, False) \
+            if ctx.needs_input_grad[1] else None
+        grad_b = _Exchange.apply(rows.sum(0), b_at, False) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None
