@@ -28,9 +28,8 @@ What is sharded, and when it is gathered:
 
 Measured (`python -m benchmarks.memory_per_rank`, a 19.7M-parameter lower level on 2 gloo
 ranks): a rank's peak of tensors (held + pass) is 0.51× the unsharded ranks' for `aid_fd`,
-0.59× for `aid_cg` and 0.63× for `itd`, whose second-order backward passes keep one full-sized
-gradient buffer per layer (each weight is read there twice, and autograd adds both
-contributions up before the reduce-scatter) and the recorded graph's activations.
+0.54× for `aid_cg` and 0.58× for `itd` (whose second-order backward passes keep the recorded
+graph's activations; `mlo.shards` on the weights they read twice).
 
 Checkpoints are per rank (as for data parallelism): each rank saves its own shards (local tensors
 with the global shape) and resumes them on as many ranks. A level is sharded when a `Program` is
