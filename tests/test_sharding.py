@@ -194,7 +194,8 @@ def test_a_functional_pass_on_a_sharded_level_uses_the_given_values(tmp_path):
 
 def shard_derivatives(rank):
     """Gradients, Hessian-vector products and tangents taken on this rank's shards, and the same
-    taken on the whole parameters, then averaged over ranks as data parallelism does."""
+    taken on the whole parameters, then averaged over ranks as data parallelism does; for a batch
+    of rows and for a batch of sequences of rows (a Linear layer's leading dimensions)."""
     train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
     run_program("aid_fd", train, val)
     level = mlo.registry["inner"]
@@ -203,34 +204,39 @@ def shard_derivatives(rank):
     whole = {k: t.detach().requires_grad_() for k, t in mlo.sharding.full(
         {k: p.detach() for k, p in level.named_parameters().items()}).items()}
     w = {k: torch.randn_like(t) for k, t in whole.items()}  # the same on both ranks (same seed)
-    out = {}
-    for name, params in (("shards", local), ("whole", whole)):
-        loss = ((mlo.handle.Handle(level, params)(x) - y) ** 2).mean()
-        keys = list(params)
-        grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=True)
-        part = {k: mlo.shards.part(level, {k: w[k]})[k] for k in keys} if name == "shards" else w
-        hvp = torch.autograd.grad(grads, [params[k] for k in keys], [part[k] for k in keys])
-        grads, hvp = dict(zip(keys, grads)), dict(zip(keys, hvp))
-        if name == "whole":  # the ranks' mean, then this rank's part
-            grads = mlo.shards.part(level, mlo.distributed.average(
-                {k: g.detach() for k, g in grads.items()}))
-            hvp = mlo.shards.part(level, mlo.distributed.average(hvp))
-        out[name] = {"grad": torch.cat([g.detach().ravel() for g in grads.values()]),
-                     "hvp": torch.cat([h.ravel() for h in hvp.values()])}
-        with torch.autograd.forward_ad.dual_level():
-            duals = {k: torch.autograd.forward_ad.make_dual(params[k].detach(), part[k])
-                     for k in keys}
-            y_dual = mlo.handle.Handle(level, type(params)(duals))(x)
-            out[name]["tangent"] = torch.autograd.forward_ad.unpack_dual(y_dual).tangent.clone()
+    out = {"shards": {}, "whole": {}}
+    for inputs, targets in ((x, y), (torch.stack([x, -x.flip(0)]), torch.stack([y, y]))):
+        for name, params in (("shards", local), ("whole", whole)):
+            loss = ((mlo.handle.Handle(level, params)(inputs) - targets) ** 2).mean()
+            keys = list(params)
+            grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=True)
+            part = {k: mlo.shards.part(level, {k: w[k]})[k] for k in keys} if name == "shards" \
+                else w
+            hvp = torch.autograd.grad(grads, [params[k] for k in keys], [part[k] for k in keys])
+            grads, hvp = dict(zip(keys, grads)), dict(zip(keys, hvp))
+            if name == "whole":  # the ranks' mean, then this rank's part
+                grads = mlo.shards.part(level, mlo.distributed.average(
+                    {k: g.detach() for k, g in grads.items()}))
+                hvp = mlo.shards.part(level, mlo.distributed.average(hvp))
+            found = out[name].setdefault(inputs.dim(), {})
+            found["grad"] = torch.cat([g.detach().ravel() for g in grads.values()])
+            found["hvp"] = torch.cat([h.ravel() for h in hvp.values()])
+            with torch.autograd.forward_ad.dual_level():
+                duals = {k: torch.autograd.forward_ad.make_dual(params[k].detach(), part[k])
+                         for k in keys}
+                y_dual = mlo.handle.Handle(level, type(params)(duals))(inputs)
+                found["tangent"] = torch.autograd.forward_ad.unpack_dual(y_dual).tangent.clone()
     return out
 
 
 def test_derivatives_on_shards_are_the_data_parallel_ones(tmp_path):
     for result in forked(shard_derivatives, tmp_path):
-        for what in ("grad", "hvp", "tangent"):
-            assert torch.allclose(result["shards"][what], result["whole"][what], atol=1e-12,
-                                  rtol=0), what
-        assert result["shards"]["grad"].abs().max() > 0
+        assert sorted(result["shards"]) == [2, 3]
+        for dims, found in result["shards"].items():
+            for what in ("grad", "hvp", "tangent"):
+                assert torch.allclose(found[what], result["whole"][dims][what], atol=1e-12,
+                                      rtol=0), (dims, what)
+            assert found["grad"].abs().max() > 0 and found["hvp"].abs().max() > 0
 
 
 class Blocks(nn.Module):
