@@ -288,7 +288,8 @@ def _gathered(tensor):
     if tensor is None or tensor.storage_offset() != 0 or not tensor.is_contiguous():
         return None
     source = _SOURCES.get(tensor.untyped_storage().data_ptr())
-    if source is None or tensor.shape[0] != source[1].rows:
+    if source is None or tensor.shape[0] != source[1].rows \
+            or tensor.shape[1:] != source[0].shape[1:]:
         return None
     return source
 
