@@ -164,6 +164,8 @@ def backward(loss: torch.Tensor, keep) -> None:
     gradient), leaving the `.grad` of the tensors in `keep` (other levels' parameters the cost
     reads live) as it was."""
     saved = [(p, p.grad) for p in keep]
+    for p in keep:  # (autograd would add into the kept tensor in place)
+        p.grad = None
     loss.backward()
     for p, grad in saved:
         p.grad = grad

@@ -39,9 +39,9 @@ def shard(full, rank):
 
 
 def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=False,
-                device="cpu", clip=None):
+                device="cpu", clip=None, tasks=1):
     """An MLP inner level (sharded) fits inputs rescaled by the outer level, which learns the
-    per-feature scales from validation data."""
+    per-feature scales from validation data (averaging `tasks` windows per step)."""
     mlo.registry.clear()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4) if norm else nn.Identity(), nn.Tanh(),
@@ -60,7 +60,7 @@ def run_program(method, train, val, sharded=True, unroll=1, adam=False, norm=Fal
         return ((module(x * outer().exp()) - y) ** 2).mean()
 
     @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
-               hypergrad=HYPERGRADS.get(method, method), name="outer")
+               hypergrad=HYPERGRADS.get(method, method), name="outer", tasks=tasks)
     def outer(batch, inner):
         x, y = batch
         return ((inner(x) - y) ** 2).mean()
@@ -97,6 +97,10 @@ def sharded_runs(rank):
         runs["clipped", sharded] = run_program("itd", train, val, sharded, unroll=2, clip=0.05)
     for sharded in (True, False):  # running statistics: each rank its own, as without sharding
         runs["norm", sharded] = run_program("aid_fd", train, val, sharded, norm=True)
+    # meta-batches of 2 windows: the inner level's real steps between the tasks leave the outer
+    # level's accumulated gradient as it was
+    for method in ("itd", "aid_cg"):
+        runs["tasks", method] = run_program(method, train, val, tasks=2)
     return runs
 
 
@@ -154,6 +158,11 @@ def test_a_sharded_level_equals_one_process_with_concatenated_batches_for_every_
         assert torch.allclose(sharded["params"], unsharded["params"], atol=1e-6, rtol=0), name
         for ours, theirs in zip(sharded["buffers"], unsharded["buffers"]):
             assert torch.allclose(ours.double(), theirs.double(), atol=1e-6, rtol=0), name
+    for method in ("itd", "aid_cg"):
+        single = run_program(method, batches(1, 2 * BATCH), batches(2, 2 * BATCH), tasks=2)
+        ranks = [result["tasks", method] for result in results]
+        assert torch.equal(ranks[0]["params"], ranks[1]["params"]), method
+        assert torch.allclose(ranks[0]["params"], single["params"], atol=1e-10, rtol=0), method
     # advanced by the inner steps, the outer steps (the twin, on the module's own buffers) and
     # the evaluation of `outputs`; not by the hypergradient passes
     assert int(results[0]["norm", True]["buffers"][2]) == 2 * STEPS + 1
