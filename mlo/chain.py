@@ -7,6 +7,8 @@ import contextlib
 import torch
 
 from . import distributed, sharding, shards
+from .errors import GraphError, quoted
+from .hypergrad._implicit import ConstantGradient
 from .level import Level
 from .optim import SUPPORTED, FunctionalOptimizer
 from .unroll import level_device, replaying
@@ -92,8 +94,19 @@ class ChainRule:
                            if k in context)
             if name in self._sharded:
                 v = shards.whole(level, v)
-        with shards.regathered() if on_shards else contextlib.nullcontext():
-            out = method(losses, inner, outer, v, **context)
+        try:
+            with shards.regathered() if on_shards else contextlib.nullcontext():
+                out = method(losses, inner, outer, v, **context)
+        except ConstantGradient:
+            raise GraphError(
+                f"Program.step (step {self.global_step}): level '{upper}' (hypergrad="
+                f"{method!r}) differentiates the solution of '{name}' by its cost's gradient, "
+                f"but that gradient does not depend on '{name}''s own parameters (nor on "
+                f"{quoted(inputs)}): '{name}''s cost reads its parameters only through other "
+                f"levels' solutions, so its best response has no second derivatives to solve "
+                f"with and the hypergradient would be zero.\n  {level.location}\n  Let "
+                f"'{name}''s cost read its own parameters (a call of its module, or a "
+                f"regularizer).") from None
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 
     def _on_shards(self, name: str, method, inputs) -> bool:

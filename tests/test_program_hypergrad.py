@@ -238,3 +238,33 @@ def test_batchnorm_lower_level_works_and_hypergradient_passes_leave_its_statisti
         program.step()
     assert int(net[1].num_batches_tracked) == 6  # 3 inner steps + 3 outer forward passes
     assert not torch.equal(scale.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("method", ["aid_cg", "aid_neumann", "aid_fd"])
+def test_a_middle_level_whose_cost_reads_its_parameters_only_through_a_solution_is_refused(method):
+    """A middle level's cost that reads its own parameters only through the level below's
+    solution has a constant gradient in them: the implicit methods' best response of it is
+    undefined (zero Hessian, zero mixed product), so the hypergradient through it would be zero."""
+    mlo.registry.clear()
+    w, scale, shift = (torch.nn.Parameter(torch.full((3,), v)) for v in (0.0, 1.0, 0.5))
+    x, y = torch.arange(3.0), torch.ones(3)
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), name="bottom")
+    def bottom(module, middle):
+        return ((module() * middle() - x) ** 2).sum()
+
+    @mlo.level(module=scale, optimizer=torch.optim.SGD([scale], lr=0.1), hypergrad="aid_cg",
+               name="middle")
+    def middle(bottom, top: mlo.Upper):
+        return ((bottom() - y - top()) ** 2).sum()  # no direct read of its own parameters
+
+    @mlo.level(module=shift, optimizer=torch.optim.SGD([shift], lr=0.1), hypergrad=method,
+               name="top")
+    def top(middle):
+        return ((middle() - 2.0) ** 2).sum()
+
+    program = mlo.Program(bottom, middle, top)
+    with pytest.raises(mlo.errors.GraphError, match=r"level 'top' \(hypergrad=.*\) differentiates "
+                       r"the solution of 'middle'.*does not depend on 'middle''s own parameters"):
+        for _ in range(3):
+            program.step()

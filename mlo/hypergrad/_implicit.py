@@ -16,6 +16,12 @@ import torch
 from ._method import Params
 
 
+class ConstantGradient(ValueError):
+    """The cost's gradient in the inner parameters depends on neither them nor the outer
+    parameters: both second derivatives are zero, and no solution depends on φ through it (a
+    cost that reads its level's parameters only through other levels' solutions)."""
+
+
 def implicit_vjp(loss_fn, inner_params: Params, outer_params: Params, v: Params,
                  solve: Callable[[Callable[[Params], Params], Params], Params],
                  reduce: Callable[[Params], Params] | None = None) -> Params:
@@ -28,6 +34,8 @@ def implicit_vjp(loss_fn, inner_params: Params, outer_params: Params, v: Params,
         inner = {k: t.detach().requires_grad_() for k, t in inner_params.items()}
         outer = {k: t.detach().requires_grad_() for k, t in outer_params.items()}
         gradient = gradients(loss_fn(inner, outer), inner, create_graph=True)
+        if not any(g.requires_grad for g in gradient.values()):
+            raise ConstantGradient("the cost's gradient in the inner parameters is constant")
 
         def hvp(w: Params) -> Params:
             product = gradients(gradient, inner, w, retain_graph=True)
