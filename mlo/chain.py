@@ -103,8 +103,8 @@ class ChainRule:
                 f"{method!r}) differentiates the solution of '{name}' by its cost's gradient, "
                 f"but that gradient does not depend on '{name}''s own parameters (nor on "
                 f"{quoted(inputs)}): '{name}''s cost reads its parameters only through other "
-                f"levels' solutions, so its best response has no second derivatives to solve "
-                f"with and the hypergradient would be zero.\n  {level.location}\n  Let "
+                f"levels' solutions, so its solution does not respond to {quoted(inputs)} "
+                f"through its cost and the hypergradient through it would be zero.\n  {level.location}\n  Let "
                 f"'{name}''s cost read its own parameters (a call of its module, or a "
                 f"regularizer).") from None
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}

@@ -240,11 +240,12 @@ def test_batchnorm_lower_level_works_and_hypergradient_passes_leave_its_statisti
     assert not torch.equal(scale.detach(), torch.ones(4))
 
 
-@pytest.mark.parametrize("method", ["aid_cg", "aid_neumann", "aid_fd"])
+@pytest.mark.parametrize("method", ["aid_cg", "aid_neumann", "aid_fd", "itd"])
 def test_a_middle_level_whose_cost_reads_its_parameters_only_through_a_solution_is_refused(method):
     """A middle level's cost that reads its own parameters only through the level below's
     solution has a constant gradient in them: the implicit methods' best response of it is
-    undefined (zero Hessian, zero mixed product), so the hypergradient through it would be zero."""
+    undefined (zero Hessian, zero mixed product), and its replayed steps never move, so the
+    hypergradient through it would be zero."""
     mlo.registry.clear()
     w, scale, shift = (torch.nn.Parameter(torch.full((3,), v)) for v in (0.0, 1.0, 0.5))
     x, y = torch.arange(3.0), torch.ones(3)

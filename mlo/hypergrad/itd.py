@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..optim import FunctionalOptimizer, sgd
+from ._implicit import ConstantGradient
 from ._method import Method
 
 
@@ -92,6 +93,8 @@ def _unrolled_step(f, update: FunctionalOptimizer, params, outer, opt_state, sec
     names = list(params)
     grads = torch.autograd.grad(f(params, outer), [params[k] for k in names],
                                 create_graph=second_order, allow_unused=True)
+    if all(g is None for g in grads):  # the cost does not read θ: no step ever moves it
+        raise ConstantGradient("the cost does not reach the inner parameters")
     return update.step(params, dict(zip(names, grads)), opt_state)  # None: not updated
 
 
