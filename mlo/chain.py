@@ -68,8 +68,9 @@ class ChainRule:
             # under data parallelism each replayed step takes the ranks' mean gradient, as the
             # real step did: the unroll of the global batch (mlo.distributed.replicated; on
             # shards, their gather's backward pass averages)
-            losses = [self._closure(level, b, rng, on_shards, replicated=self._parallel)
-                      for b, rng in zip(window.batches, window.rng)]
+            losses = [self._closure(level, b, rng, on_shards, replicated=self._parallel,
+                                    reads=reads)
+                      for b, rng, reads in zip(window.batches, window.rng, window.reads)]
             context.update(optimizer=self._update_rules(name, inputs, window.optimizers),
                            state=window.state)
             if method.option("recompute"):  # the real steps' values: no forward replay
@@ -129,16 +130,19 @@ class ChainRule:
                               for o in optimizers]
 
     def _closure(self, level: Level, batches: list, rng: dict | None = None,
-                 on_shards: bool = False, replicated: bool = False):
+                 on_shards: bool = False, replicated: bool = False, reads: dict | None = None):
         """Return f(inner, outer) = mean cost of `level` over `batches`, outer keyed (level, name);
         with `rng`, a recorded step's generator state, its random draws are the step's;
         `on_shards`: `inner` is this rank's shards of a sharded level (`mlo.shards`);
-        `replicated`: the gradient to `inner` is the ranks' mean (`distributed.replicated`)."""
+        `replicated`: the gradient to `inner` is the ranks' mean (`distributed.replicated`);
+        `reads`: other levels' values, by level name, that the cost reads instead of theirs now
+        (a recorded step's, `Window.record`)."""
         device = level_device(level)
 
         def cost(inner, outer):
             params = {level.name: shards.Shards(inner) if on_shards
                       else distributed.replicated(inner) if replicated else inner}
+            params.update(reads or {})
             for (src, key), t in outer.items():
                 params.setdefault(src, {})[key] = t
             with replaying(rng, device):

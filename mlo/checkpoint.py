@@ -210,7 +210,7 @@ def _window_state(window: Window) -> dict:
     return {"params": window.params, "state": window.state, "batches": window.batches,
             "optimizers": [{"kind": o.kind, "hyper": o.hyper, "clip_grad": o.clip_grad}
                            for o in window.optimizers], "rng": window.rng,
-            "values": window.values, "points": window.points}
+            "values": window.values, "points": window.points, "reads": window.reads}
 
 
 def _window_from(state: dict) -> Window:
@@ -218,7 +218,7 @@ def _window_from(state: dict) -> Window:
     return Window(state["params"], state["state"], batches,
                   [FunctionalOptimizer(**o) for o in state["optimizers"]],
                   list(state.get("rng", [None] * len(batches))), list(state.get("values", [])),
-                  list(state.get("points", [])))
+                  list(state.get("points", [])), list(state.get("reads", [{}] * len(batches))))
 
 
 def _rng_state() -> dict:

@@ -254,7 +254,16 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
             if lower == level.name:
                 offload, every = self._keep.get(upper, (None, 1))
                 keep = None if offload is None else "cpu" if offload else level_device(level)
-                window.record(level, micro_batches, rule, rng, keep, every)
+                window.record(level, micro_batches, rule, rng, keep, every,
+                              self._changing_reads(upper, level))
+
+    def _changing_reads(self, upper: str, level: Level) -> dict:
+        """The parameters of the levels `level`'s cost reads, other than `upper` and the sources
+        `upper` differentiates it against: they may step between this step and `upper`'s replay
+        of it. (Sharded levels are left out: their values are read as they are then.)"""
+        fixed = {upper, *self._edges[upper][level.name]}
+        return {other: self.levels[other].named_parameters() for other, _ in level.names
+                if other not in fixed and other not in self._sharded}
 
     def _drop_from_windows(self, name: str) -> None:
         for (_, lower), window in self._windows.items():

@@ -30,7 +30,9 @@ class Window:
     rng: list = field(default_factory=list)
     values: list = field(default_factory=list)  # live windows: θ after each step (None: replayed exactly)
     points: list = field(default_factory=list)  # itd(recompute=True): (θ_t, state_t), t ≥ 1
+    reads: list = field(default_factory=list)  # per step: {level: its values then} (`record`)
     live: Any = None  # a `live.Trajectory` while the real steps record this window's graph
+    _versions: dict = field(default_factory=dict, repr=False)  # level -> (versions, values)
 
     @property
     def steps(self) -> int:
@@ -44,12 +46,28 @@ class Window:
                    mirror.state(level.optimizer, named))
 
     def record(self, level, micro_batches: list, rule: FunctionalOptimizer | None = None,
-               rng: dict | None = None, keep: str | None = None, every: int = 1) -> None:
+               rng: dict | None = None, keep: str | None = None, every: int = 1,
+               reads: dict | None = None) -> None:
         """Record a step about to be taken on `micro_batches` (with `rule`, if already read;
         `rng`, the generator state its costs started from, from `rng_state`). With `keep` (a
         device, for `itd(recompute=True)`) the step's starting point is kept there too: the
         parameters and optimizer state, copied before the step changes them (at every `every`-th
-        step; None at the others)."""
+        step; None at the others).
+
+        `reads` are the other levels the step's cost reads that may step before the replay
+        (another upper level of this level, a level below it), by name: their parameters. The
+        replay runs on their values at this step (the trajectory that was taken), not on the
+        values they have then. A level's values are copied once per change (`p._version`),
+        shared by the steps that read the same ones."""
+        values = {}
+        for name, params in (reads or {}).items():
+            versions = tuple((id(p), p._version) for p in params.values())
+            held = self._versions.get(name)
+            if held is None or held[0] != versions:
+                held = self._versions[name] = (versions, {k: p.detach().clone()
+                                                          for k, p in params.items()})
+            values[name] = held[1]
+        self.reads.append(values)
         if keep is not None and self.batches:  # a step after the first: its starting point
             # None where not kept: recomputed from the last kept point when needed
             self.points.append(_point(level, keep) if len(self.batches) % every == 0 else None)
@@ -63,7 +81,7 @@ class Window:
         window's trajectory, like the module, goes on from where it was before it."""
         if self.points and len(self.points) == len(self.batches) - 1:
             self.points.pop()
-        for records in (self.batches, self.rng, self.optimizers):
+        for records in (self.batches, self.rng, self.optimizers, self.reads):
             records.pop()
 
 

@@ -104,6 +104,56 @@ def sharded_runs(rank):
     return runs
 
 
+def two_uppers(train, val, sharded=True):
+    """An MLP inner level (sharded) steered by two itd upper levels: input scales and a target
+    shift, each replaying the inner steps after the other may have stepped."""
+    mlo.registry.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    scales = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    shift = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    @mlo.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=train,
+               shard=sharded, name="inner", unroll=2)
+    def inner(batch, module, scale, shifted):
+        x, y = batch
+        return ((module(x * scale().exp()) - y - shifted()) ** 2).mean()
+
+    @mlo.level(module=scales, optimizer=torch.optim.SGD([scales], lr=0.5), data=val,
+               hypergrad="itd", name="scale")
+    def scale(batch, inner):
+        x, y = batch
+        return ((inner(x) - y) ** 2).mean()
+
+    @mlo.level(module=shift, optimizer=torch.optim.SGD([shift], lr=0.5), data=val,
+               hypergrad="itd", name="shifted")
+    def shifted(batch, inner):
+        x, y = batch
+        return ((inner(x) - y - 0.1) ** 2).mean()
+
+    program = mlo.Program(inner, scale, shifted)
+    for _ in range(STEPS):
+        program.step()
+    return torch.cat([_full(p).ravel() for p in net.parameters()] + [scales.detach(),
+                                                                      shift.detach()])
+
+
+def two_uppers_runs(rank):
+    train, val = shard(batches(1, 2 * BATCH), rank), shard(batches(2, 2 * BATCH), rank)
+    return {sharded: two_uppers(train, val, sharded) for sharded in (True, False)}
+
+
+def test_two_itd_uppers_of_a_sharded_level_equal_one_process(tmp_path):
+    """Under data parallelism (sharded or not) each upper replays the inner steps with the other
+    upper's values at those steps, as one process's recorded steps read them."""
+    results = forked(two_uppers_runs, tmp_path, timeout=60.0)
+    single = two_uppers(batches(1, 2 * BATCH), batches(2, 2 * BATCH))
+    for sharded in (True, False):
+        assert torch.equal(results[0][sharded], results[1][sharded]), sharded
+        assert torch.allclose(results[0][sharded], single, atol=1e-10, rtol=0), sharded
+    assert not torch.allclose(single[-6:], torch.zeros(6, dtype=torch.float64))
+
+
 def cuda_rank(rank, folder):
     """One rank of `test_on_two_gpus_with_nccl`: every method, sharded, on cuda:rank."""
     torch.cuda.set_device(rank)
