@@ -272,6 +272,30 @@ def test_a_middle_level_whose_cost_reads_its_parameters_only_through_a_solution_
             program.step()
 
 
+def two_uppers(method, unroll=1):
+    """f(w) = ½ e^a (w − b)² steered by a (`upper_a`) and b (`upper_b`), both by `method`."""
+    mlo.registry.clear()
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    a = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.2], dtype=torch.float64))
+
+    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), name="lower", unroll=unroll)
+    def lower(module, upper_a, upper_b):
+        return (0.5 * upper_a().exp() * (module() - upper_b()) ** 2).sum()
+
+    @mlo.level(module=a, optimizer=torch.optim.SGD([a], lr=0.5), hypergrad=method,
+               name="upper_a")
+    def upper_a(lower):
+        return (0.5 * (lower() - 2.0) ** 2).sum()
+
+    @mlo.level(module=b, optimizer=torch.optim.SGD([b], lr=0.5), hypergrad=method,
+               name="upper_b")
+    def upper_b(lower):
+        return (0.5 * (lower() + 1.0) ** 2).sum()
+
+    return mlo.Program(lower, upper_a, upper_b), (w, a, b)
+
+
 @pytest.mark.parametrize("method", [mlo.hypergrad.itd(recompute=True),
                                     mlo.hypergrad.itd(recompute=True, keep_every=2)])
 def test_two_itd_uppers_replay_the_step_with_the_values_it_read(method):
@@ -279,29 +303,30 @@ def test_two_itd_uppers_replay_the_step_with_the_values_it_read(method):
     w₁ = w₀ − η e^a (w₀ − b). Whichever upper steps first, the other's replay of that step must
     read the first one's value at the step (a₀ or b₀), not its new one: closed form
     ∂w₁/∂a = −η e^a₀ (w₀ − b₀), ∂w₁/∂b = η e^a₀."""
-    mlo.registry.clear()
     lr, w0, a0, b0, ta, tb = 0.1, 1.0, 0.5, 0.2, 2.0, -1.0
-    w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float64))
-    a = torch.nn.Parameter(torch.tensor([a0], dtype=torch.float64))
-    b = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float64))
-
-    @mlo.level(module=w, optimizer=torch.optim.SGD([w], lr=lr), name="lower")
-    def lower(module, upper_a, upper_b):
-        return (0.5 * upper_a().exp() * (module() - upper_b()) ** 2).sum()
-
-    @mlo.level(module=a, optimizer=torch.optim.SGD([a], lr=0.5), hypergrad=method,
-               name="upper_a")
-    def upper_a(lower):
-        return (0.5 * (lower() - ta) ** 2).sum()
-
-    @mlo.level(module=b, optimizer=torch.optim.SGD([b], lr=0.5), hypergrad=method,
-               name="upper_b")
-    def upper_b(lower):
-        return (0.5 * (lower() - tb) ** 2).sum()
-
-    program = mlo.Program(lower, upper_a, upper_b)
+    program, (w, a, b) = two_uppers(method)
     program.step()
     w1 = w0 - lr * math.exp(a0) * (w0 - b0)
     assert a.grad.item() == pytest.approx((w1 - ta) * -lr * math.exp(a0) * (w0 - b0), rel=1e-12)
     assert b.grad.item() == pytest.approx((w1 - tb) * lr * math.exp(a0), rel=1e-12)
     assert a.item() != a0 and b.item() != b0  # both stepped in this global step
+
+
+@pytest.mark.parametrize("method", ["itd", mlo.hypergrad.itd(recompute=True)])
+def test_a_checkpoint_inside_a_window_keeps_the_values_its_steps_read(method):
+    """Saved after the first of two lower steps, a program resumes to the same parameters as an
+    uninterrupted one: the window keeps the other upper's values its steps read."""
+    reference, params = two_uppers(method, unroll=2)
+    for _ in range(6):
+        reference.step()
+    expected = [p.detach().clone() for p in params]
+    program, _ = two_uppers(method, unroll=2)
+    for _ in range(3):
+        program.step()
+    state = program.state_dict()
+    resumed, params = two_uppers(method, unroll=2)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step()
+    for ours, theirs in zip(params, expected):
+        assert torch.equal(ours.detach(), theirs)
