@@ -102,12 +102,11 @@ class ChainRule:
             raise GraphError(
                 f"Program.step (step {self.global_step}): level '{upper}' (hypergrad="
                 f"{method!r}) differentiates the solution of '{name}' by its cost's gradient, "
-                f"but that gradient does not depend on '{name}''s own parameters (nor on "
-                f"{quoted(inputs)}): '{name}''s cost reads its parameters only through other "
-                f"levels' solutions, so its solution does not respond to {quoted(inputs)} "
-                f"through its cost and the hypergradient through it would be zero.\n  {level.location}\n  Let "
-                f"'{name}''s cost read its own parameters (a call of its module, or a "
-                f"regularizer).") from None
+                f"but that gradient depends neither on '{name}''s own parameters nor on "
+                f"{quoted(inputs)}: '{name}''s cost reads its parameters only through other "
+                f"levels' solutions, so the hypergradient through it would be zero.\n  "
+                f"{level.location}\n  Let '{name}''s cost read its own parameters (a call of "
+                f"its module, or a regularizer).") from None
         return {src: {k: t for (s, k), t in out.items() if s == src} for src in inputs}
 
     def _on_shards(self, name: str, method, inputs) -> bool:
