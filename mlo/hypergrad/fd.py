@@ -36,13 +36,9 @@ def finite_difference(loss_fn, inner_params: Params, outer_params: Params, v: Pa
     where given: vectors split over ranks)."""
     keys = list(inner_params)
     directions = [v[k].detach() for k in keys]
-    if dot is not None:
-        wide = {k: d.float() if d.dtype.itemsize < 4 else d for k, d in zip(keys, directions)}
-        norm = math.sqrt(max(float(dot(wide, wide)), 0.0))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(d.float() if d.dtype.itemsize < 4 else d)
-             for d in directions])))
+    wide = {k: d.float() if d.dtype.itemsize < 4 else d for k, d in zip(keys, directions)}
+    norm = math.sqrt(max(float(dot(wide, wide)), 0.0)) if dot is not None else float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in wide.values()])))
     if norm == 0.0 or not math.isfinite(norm):  # nothing to propagate, or nothing finite to
         fill = 0.0 if norm == 0.0 else float("nan")  # propagate (the caller's check sees NaN)
         return {k: torch.full_like(t, fill) for k, t in outer_params.items()}
