@@ -260,7 +260,10 @@ class Program(Runner, ChainRule, Costs, LiveUnroll, PlainStep):
     def _changing_reads(self, upper: str, level: Level) -> dict:
         """The parameters of the levels `level`'s cost reads, other than `upper` and the sources
         `upper` differentiates it against: they may step between this step and `upper`'s replay
-        of it. (Sharded levels are left out: their values are read as they are then.)"""
+        of it. (Sharded levels are left out: their values are read as they are then. A live
+        level's steps record their graph, which holds the values read: nothing to keep.)"""
+        if level.name in self._live:
+            return {}
         fixed = {upper, *self._edges[upper][level.name]}
         return {other: self.levels[other].named_parameters() for other, _ in level.names
                 if other not in fixed and other not in self._sharded}

@@ -59,15 +59,8 @@ class Window:
         replay runs on their values at this step (the trajectory that was taken), not on the
         values they have then. A level's values are copied once per change (`p._version`),
         shared by the steps that read the same ones."""
-        values = {}
-        for name, params in (reads or {}).items():
-            versions = tuple((id(p), p._version) for p in params.values())
-            held = self._versions.get(name)
-            if held is None or held[0] != versions:
-                held = self._versions[name] = (versions, {k: p.detach().clone()
-                                                          for k, p in params.items()})
-            values[name] = held[1]
-        self.reads.append(values)
+        self.reads.append({name: self._copy(name, params)
+                           for name, params in (reads or {}).items()})
         if keep is not None and self.batches:  # a step after the first: its starting point
             # None where not kept: recomputed from the last kept point when needed
             self.points.append(_point(level, keep) if len(self.batches) % every == 0 else None)
@@ -75,6 +68,15 @@ class Window:
         self.rng.append(rng)
         self.optimizers.append(rule or FunctionalOptimizer.from_optimizer(
             level.optimizer, level.named_parameters(), level.options.clip_grad, level.name))
+
+    def _copy(self, name: str, params: dict) -> dict:
+        """A copy of level `name`'s `params`: the one made last, while none of them changed."""
+        versions = tuple((id(p), p._version) for p in params.values())
+        held = self._versions.get(name)
+        if held is None or held[0] != versions:
+            held = self._versions[name] = (versions, {k: p.detach().clone()
+                                                      for k, p in params.items()})
+        return held[1]
 
     def drop_last(self) -> None:
         """Forget the step recorded last: it was skipped (a non-finite loss or gradient), so the
